@@ -1,0 +1,68 @@
+// Every op schema of glm_ext, in one place. Kernels register themselves per device next to their
+// code (csrc/cpu/*.cpp for CPU, csrc/cuda/<family>/*.cu for CUDA); Python-side autograd and fake
+// kernels live in glm_ext/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+#if __has_include(<torch/headeronly/version.h>)
+#include <torch/headeronly/version.h>
+#else
+#include <torch/version.h>
+#endif
+
+#ifdef GLM_EXT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef GLM_EXT_VERSION
+#define GLM_EXT_VERSION "unknown"
+#endif
+#ifndef GLM_EXT_CUDA_ARCHS
+#define GLM_EXT_CUDA_ARCHS ""
+#endif
+
+TORCH_LIBRARY(glm_ext, m) {
+  // 2D position machinery (GLM_SPEC section 3).
+  m.def(
+      "embedding_2d(Tensor input_ids, Tensor position_ids, Tensor block_position_ids, "
+      "Tensor word_weight, Tensor position_weight, Tensor block_position_weight) -> Tensor");
+  // Always deterministic: every table row is summed in a fixed order, on every device.
+  m.def(
+      "embedding_2d_backward(Tensor grad_output, Tensor input_ids, Tensor position_ids, "
+      "Tensor block_position_ids, SymInt num_words, SymInt num_positions, "
+      "SymInt num_block_positions) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rotary_2d(Tensor x, Tensor position_ids, Tensor block_position_ids, "
+      "float base=10000.0) -> Tensor");
+  // The inverse rotation; rotary_2d is orthogonal, so this is also its gradient.
+  m.def(
+      "rotary_2d_backward(Tensor grad_output, Tensor position_ids, Tensor block_position_ids, "
+      "float base=10000.0) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = GLM_EXT_VERSION;
+  info["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." +
+                          std::to_string(TORCH_VERSION_MINOR) + "." +
+                          std::to_string(TORCH_VERSION_PATCH);
+#ifdef GLM_EXT_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string((CUDART_VERSION % 1000) / 10);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = pybind11::none();
+#endif
+  info["cuda_archs"] = GLM_EXT_CUDA_ARCHS;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "glm_ext compiled ops (registered under torch.ops.glm_ext)";
+  module.def("build_info", &build_info,
+             "How this extension was built: version, torch, CUDA and its architectures.");
+}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 __version__ = "0.1.0"
 
 import torch  # noqa: F401  (the extension links against torch's libraries)
@@ -17,7 +19,7 @@ def build_info() -> dict:
     extension was compiled against) up to the patch level.
     """
     info = dict(_compiled_build_info())
-    info["cuda_archs"] = [a for a in info["cuda_archs"].split(";") if a]
+    info["cuda_archs"] = [a for a in re.split(r"[;\s]+", info["cuda_archs"]) if a]
     info["torch_runtime"] = torch.__version__
     return info
 

@@ -1,0 +1,41 @@
+# Developer entry points. `make test` sets everything up on a fresh machine (a virtual environment,
+# torch, the extension build) and runs the test suite; CI runs exactly that.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pip's local-index configuration on these machines warns about every missing mirror folder.
+QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
+
+.PHONY: deps install test cmake-build bench gpu-check clean
+
+deps: $(VENV)/.deps-installed
+
+$(VENV)/.deps-installed: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt 2>&1 | $(QUIET_PIP)
+	touch $@
+
+install: deps
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(PY) -m glm_ext info
+
+test: install
+	$(PY) -m pytest python_tests
+
+# The same extension through CMake (compile_commands.json for IDEs and C++ tooling).
+cmake-build: deps
+	cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build-cmake
+
+bench: install
+	$(PY) benchmarks/bench_position_ops.py
+
+# On a lent GPU machine: build, CUDA tests, compute-sanitizer, benchmarks (see the script).
+gpu-check:
+	bash scripts/gpu_check.sh
+
+clean:
+	rm -rf build build-cmake *.egg-info glm_ext/*.so

@@ -1,0 +1,51 @@
+"""Shared fixtures and the accuracy rule of the test suite.
+
+Low-precision results are judged by flash-attention's rule: the error of glm_ext against a float64
+reference may be at most ``factor`` times the error of the same computation done by plain PyTorch
+in the same dtype (plus a tiny absolute floor for results PyTorch happens to get exactly right).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import glm_ext  # noqa: F401  (registers the ops)
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and glm_ext.build_info()["cuda"]
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    reason = "no CUDA device visible, or the extension was built without CUDA kernels"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def assert_within_pytorch_error(
+    ours: torch.Tensor, pytorch_same_dtype: torch.Tensor, exact: torch.Tensor, factor: float = 2.0
+) -> None:
+    """Flash-attention's tolerance rule (see the module docstring)."""
+    assert ours.shape == exact.shape and ours.dtype == pytorch_same_dtype.dtype
+    ours_error = max_error(ours, exact)
+    pytorch_error = max_error(pytorch_same_dtype, exact)
+    floor = 1e-6 * max(exact.abs().max().item(), 1.0) if exact.numel() else 0.0
+    assert ours_error <= factor * pytorch_error + floor, (
+        f"error {ours_error:.3g} exceeds {factor} x PyTorch's {pytorch_error:.3g} in {ours.dtype}"
+    )

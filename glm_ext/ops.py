@@ -12,7 +12,7 @@ import torch
 
 from glm_ext import _C  # noqa: F401  (loads the library: registers torch.ops.glm_ext)
 
-__all__ = ["embedding_2d", "rotary_2d"]
+__all__ = ["blank_infilling", "embedding_2d", "rotary_2d", "span_shuffle_batch"]
 
 _ops = torch.ops.glm_ext
 
@@ -190,3 +190,84 @@ def _rotary_2d_double_backward(ctx, grad):
 torch.library.register_autograd(
     "glm_ext::rotary_2d_backward", _rotary_2d_double_backward, setup_context=_rotary_2d_setup_context
 )
+
+
+# --------------------------------------------------------------------------------------------
+# Blank-infilling batches (no gradients: data pipeline ops)
+
+
+def span_shuffle_batch(
+    tokens: torch.Tensor,
+    lengths: torch.Tensor | None,
+    sentence_end_ids: torch.Tensor,
+    *,
+    seed: int,
+    objective_probs: tuple[float, float, float],
+    mask_ratio: float,
+    poisson_lambda: float,
+    max_span_length: int,
+    min_document_ratio: float,
+    cls_id: int,
+    eos_id: int,
+    pad_id: int,
+    mask_id: int,
+    smask_id: int,
+    gmask_id: int,
+    sop_id: int,
+    eop_id: int,
+    vocab_size: int,
+    output_length: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blank-infilling rows from a batch of token rows ``[batch, length]`` (GLM_SPEC section 1).
+
+    Returns ``tokens, targets, loss_mask`` (int64 ``[batch, width]``), ``position_ids``
+    (``[batch, 2, width]``), ``sep`` (int32 ``[batch]``) and the objective drawn for the batch (a
+    0-dim int64: 0 token, 1 sentence, 2 document level). ``width`` is ``output_length``, or the
+    longest assembled row when 0. Same seed, same batch, on every device. ``glm_ext.data`` has the
+    friendly interface.
+    """
+    return _ops.span_shuffle_batch(
+        tokens, lengths, sentence_end_ids, int(seed) & 0x7FFFFFFFFFFFFFFF, [float(p) for p in objective_probs],
+        float(mask_ratio), float(poisson_lambda), int(max_span_length), float(min_document_ratio),
+        cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size, output_length,
+    )
+
+
+@torch.library.register_fake("glm_ext::span_shuffle_batch")
+def _span_shuffle_batch_fake(
+    tokens, lengths, sentence_end_ids, seed, objective_probs, mask_ratio, poisson_lambda, max_span_length,
+    min_document_ratio, cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size,
+    output_length=0,
+):
+    width = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()
+    batch = tokens.shape[0]
+    long = dict(dtype=torch.int64, device=tokens.device)
+    return (
+        torch.empty(batch, width, **long),
+        torch.empty(batch, width, **long),
+        torch.empty(batch, width, **long),
+        torch.empty(batch, 2, width, **long),
+        torch.empty(batch, dtype=torch.int32, device=tokens.device),
+        torch.empty((), **long),
+    )
+
+
+def blank_infilling(
+    tokens: torch.Tensor, spans: torch.Tensor, order: torch.Tensor, *, mask_id: int, sop_id: int, eop_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One blank-infilling row from explicit spans ``[k, 2]`` (half-open, text order) and the Part B
+    order ``[k]``: ``tokens, targets, loss_mask, position_ids [2, L], sep`` (0-dim)."""
+    return _ops.blank_infilling(tokens, spans, order, mask_id, sop_id, eop_id)
+
+
+@torch.library.register_fake("glm_ext::blank_infilling")
+def _blank_infilling_fake(tokens, spans, order, mask_id, sop_id, eop_id):
+    width = tokens.shape[0] + 2 * spans.shape[0]
+    long = dict(dtype=torch.int64, device=tokens.device)
+    return (
+        torch.empty(width, **long),
+        torch.empty(width, **long),
+        torch.empty(width, **long),
+        torch.empty(2, width, **long),
+        torch.empty((), **long),
+    )

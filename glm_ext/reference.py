@@ -66,3 +66,59 @@ def rotary_2d(
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
         rotated.append(half * cos + _rotate_half(half) * sin)
     return torch.cat(rotated, dim=-1).to(x.dtype)
+
+
+def mixed_mask(sep: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
+    """GLM's attention mask as booleans ``[batch, seq_q, seq_k]`` (True = may attend).
+
+    Query ``i`` (absolute position ``seq_k - seq_q + i``) sees key ``j`` iff ``j < sep`` or
+    ``j <= position``: bidirectional over Part A, causal over Part B (GLM_SPEC section 2).
+    """
+    query_pos = torch.arange(seq_k - seq_q, seq_k, device=sep.device)[:, None]
+    key_pos = torch.arange(seq_k, device=sep.device)[None, :]
+    return (key_pos < sep.view(-1, 1, 1)) | (key_pos <= query_pos)
+
+
+def mixed_mask_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+):
+    """Softmax attention under GLM's mixed mask, materialised (the oracle, not a fast path).
+
+    Padded layout: ``q [batch, seq_q, heads_q, dim]``, ``k, v [batch, seq_k, heads_kv, dim]``,
+    ``sep [batch]``. Packed layout: ``q [total_q, heads_q, dim]`` with ``cu_seqlens_q [n + 1]``
+    (likewise for k/v) and ``sep [n]``, every sample independent. ``heads_q`` is a multiple of
+    ``heads_kv`` (grouped-query attention). Computed in float32 (float64 for float64 input); returns
+    the output in q's dtype and, if asked, the float32 log-sum-exp ``[batch, heads_q, seq_q]``
+    (``[heads_q, total_q]`` packed).
+    """
+    if cu_seqlens_q is not None:
+        outputs, lses = [], []
+        for i in range(len(sep)):
+            qs = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
+            ks = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
+            out, lse = mixed_mask_attention(
+                q[None, qs], k[None, ks], v[None, ks], sep[i : i + 1], softmax_scale=softmax_scale, return_lse=True
+            )
+            outputs.append(out[0])
+            lses.append(lse[0])
+        out, lse = torch.cat(outputs), torch.cat(lses, dim=-1)
+        return (out, lse) if return_lse else out
+
+    compute_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    groups = q.shape[2] // k.shape[2]
+    qf, kf, vf = (t.to(compute_dtype).transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
+    kf, vf = kf.repeat_interleave(groups, dim=1), vf.repeat_interleave(groups, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mixed_mask(sep, q.shape[1], k.shape[1])[:, None], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.softmax(scores, dim=-1) @ vf).transpose(1, 2).to(q.dtype)
+    return (out, lse.float() if compute_dtype != torch.float64 else lse) if return_lse else out

@@ -17,7 +17,13 @@ import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch derives CUDA_HOME from the first nvcc on PATH; a wrapper script there (as in /usr/local/bin)
+# points it at a directory without the toolkit's lib64. Prefer the toolkit itself when none is set.
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and Path("/usr/local/cuda/bin/nvcc").exists():
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

@@ -9,9 +9,6 @@
 #include <torch/version.h>
 #endif
 
-#ifdef GLM_EXT_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
 
 #ifndef GLM_EXT_VERSION
 #define GLM_EXT_VERSION "unknown"
@@ -54,6 +51,12 @@ TORCH_LIBRARY(glm_ext, m) {
       "int eop_id) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
+#ifdef GLM_EXT_WITH_CUDA
+namespace glm_ext {
+int compiled_cuda_version();  // csrc/cuda/build_info.cu
+}
+#endif
+
 namespace {
 
 pybind11::dict build_info() {
@@ -64,8 +67,8 @@ pybind11::dict build_info() {
                           std::to_string(TORCH_VERSION_PATCH);
 #ifdef GLM_EXT_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                         std::to_string((CUDART_VERSION % 1000) / 10);
+  const int version = glm_ext::compiled_cuda_version();
+  info["cuda_version"] = std::to_string(version / 1000) + "." + std::to_string((version % 1000) / 10);
 #else
   info["cuda"] = false;
   info["cuda_version"] = pybind11::none();

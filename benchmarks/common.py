@@ -10,6 +10,7 @@ Conventions every benchmark follows (see the project rules):
   (outside the timed region). A read, not a memset: a write would leave L2 full of dirty lines
   whose write-back would then be charged to the timed kernel. The flush also keeps the GPU busy
   while the host enqueues the timed call, so small kernels are not timed waiting for their launch.
+  On the CPU the same is done for the last-level cache (twice its size, from sysfs).
 * Nothing here hard-codes a device: every function takes the device to run on.
 """
 
@@ -30,6 +31,7 @@ import torch
 
 __all__ = [
     "copy_bandwidth_gbs",
+    "cpu_llc_bytes",
     "default_device",
     "environment_info",
     "l2_cache_bytes",
@@ -60,18 +62,38 @@ def l2_cache_bytes(device: torch.device | str) -> int | None:
     return int(size) if size else None
 
 
+def cpu_llc_bytes() -> int | None:
+    """Size of the CPU's largest cache in bytes, from sysfs (None where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+            factor = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * factor)
+        except (OSError, ValueError):
+            continue
+    return max(sizes) if sizes else None
+
+
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
 
 
-def _l2_flush(device: torch.device) -> Callable[[], Any] | None:
-    """A callable that evicts the L2 of ``device`` by reading 2x its size, or None off CUDA."""
-    if device.type != "cuda":
+def _cache_flush(device: torch.device) -> Callable[[], Any] | None:
+    """A callable that evicts the last-level cache serving ``device`` (the L2 of a CUDA device,
+    the CPU's L3) by reading twice its size, or None for other devices."""
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        cache = l2_cache_bytes(device)
+        floor = 128 * 2**20
+    elif device.type == "cpu":
+        cache = cpu_llc_bytes()
+        floor = 64 * 2**20
+    else:
         return None
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     buf = _flush_buffers.get(device)
     if buf is None:
-        nbytes = max(2 * (l2_cache_bytes(device) or 0), 128 * 2**20)
+        nbytes = max(2 * (cache or 0), floor)
         buf = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
         _flush_buffers[device] = buf
     return lambda: buf.sum()
@@ -84,19 +106,20 @@ def time_fn(
     warmup: int,
     iters: int,
     setup: Callable[[], Sequence[Any] | None] | None = None,
-    flush_l2: bool = True,
+    flush_cache: bool = True,
 ) -> dict[str, float]:
     """Times ``fn`` on ``device``: median and 20th/80th percentiles of per-iteration times (ms).
 
     ``setup`` (optional) runs before every call, untimed; when it returns a sequence, ``fn`` is
     called with it as positional arguments, otherwise with none. On CUDA each iteration is timed
-    with its own pair of CUDA events (one synchronisation at the end) and, with ``flush_l2``, the
-    L2 cache is evicted before each iteration (untimed); on the CPU ``time.perf_counter`` is used.
+    with its own pair of CUDA events (one synchronisation at the end); on the CPU
+    ``time.perf_counter`` is used. With ``flush_cache`` the last-level cache (CUDA L2, CPU L3) is
+    evicted before each iteration, untimed, after ``setup``.
     """
     device = torch.device(device)
     if iters < 1:
         raise ValueError(f"iters must be at least 1, got {iters}")
-    flush = _l2_flush(device) if flush_l2 else None
+    flush = _cache_flush(device) if flush_cache else None
 
     def prepare() -> Sequence[Any]:
         args = setup() if setup is not None else None
@@ -157,7 +180,7 @@ def copy_bandwidth_gbs(
     numel = max(1, nbytes // 4)
     src = torch.rand(numel, dtype=torch.float32, device=device)  # not zeros
     dst = torch.empty_like(src)
-    timing = time_fn(lambda: dst.copy_(src), device, warmup=warmup, iters=iters, flush_l2=False)
+    timing = time_fn(lambda: dst.copy_(src), device, warmup=warmup, iters=iters, flush_cache=False)
     moved = 2 * numel * 4
     return {"gbs": moved / (timing["median_ms"] * 1e-3) / 1e9, "median_ms": timing["median_ms"], "nbytes": numel * 4}
 

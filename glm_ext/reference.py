@@ -122,3 +122,36 @@ def mixed_mask_attention(
     lse = torch.logsumexp(scores, dim=-1)
     out = (torch.softmax(scores, dim=-1) @ vf).transpose(1, 2).to(q.dtype)
     return (out, lse.float() if compute_dtype != torch.float64 else lse) if return_lse else out
+
+
+def blank_infilling(
+    tokens: list[int], spans: list[tuple[int, int]], order: list[int], mask_id: int, sop_id: int, eop_id: int
+) -> dict[str, list]:
+    """One blank-infilling row, literally as GLM_SPEC section 1 states it.
+
+    ``spans`` are half-open ``(start, end)`` in text order; ``order`` lists span indices in Part B
+    order. Returns lists ``tokens``, ``targets``, ``loss_mask``, ``position_ids`` (two rows) and
+    the int ``sep``.
+    """
+    part_a, mask_index, last = [], {}, 0
+    for index, (start, end) in enumerate(spans):
+        part_a += tokens[last:start]
+        mask_index[index] = len(part_a)
+        part_a.append(mask_id)
+        last = end
+    part_a += tokens[last:]
+    inputs_b, targets_b, position_b, block_b = [], [], [], []
+    for index in order:
+        start, end = spans[index]
+        span = tokens[start:end]
+        inputs_b += [sop_id] + span
+        targets_b += span + [eop_id]
+        position_b += [mask_index[index]] * (len(span) + 1)
+        block_b += list(range(1, len(span) + 2))
+    return {
+        "tokens": part_a + inputs_b,
+        "targets": part_a + targets_b,
+        "loss_mask": [0] * len(part_a) + [1] * len(inputs_b),
+        "position_ids": [list(range(len(part_a))) + position_b, [0] * len(part_a) + block_b],
+        "sep": len(part_a),
+    }

@@ -1,0 +1,561 @@
+"""GLM, the model (GLM_SPEC section 3): configuration, presets, layers, key/value cache, loss.
+
+Module and parameter names are chosen so that ``GLMModel.state_dict()`` keys *are* the authors'
+checkpoint keys (``word_embeddings.weight``, ``transformer.layers.{i}.attention.query_key_value.weight``,
+...): importing and exporting checkpoints (``glm_ext.checkpoint``) needs no renaming table.
+
+Two switches pick the implementation of the non-matmul parts, never the maths:
+
+* ``embedding_backend``: ``"fused"`` uses ``glm_ext.ops`` (``embedding_2d``, ``rotary_2d``);
+  ``"reference"`` the plain PyTorch code of ``glm_ext.reference``.
+* ``attention_backend``: ``"sdpa"`` runs ``torch.nn.functional.scaled_dot_product_attention`` with a
+  dense boolean mixed mask; ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``.
+
+Inputs, padded: ``input_ids [B, L]``, ``position_ids [B, 2, L]`` (row 0 positions, row 1 block
+positions), ``sep [B]`` (length of Part A of each row). Packed (several samples in one row, no
+padding, flash-attention's "varlen" convention): ``input_ids [T]``, ``position_ids [2, T]``,
+``sep [n]`` (per sample, counted from its own start) and ``cu_seqlens`` int32 ``[n + 1]`` (sample
+``i`` is tokens ``cu_seqlens[i]:cu_seqlens[i + 1]``); the logits are then ``[T, V]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glm_ext import ops, reference
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "EMBEDDING_BACKENDS",
+    "PRESETS",
+    "GLMConfig",
+    "GLMModel",
+    "KVCache",
+    "lm_loss",
+    "pad_vocab_size",
+]
+
+PositionEncoding = Literal["learned_2d", "rotary_2d"]
+AttentionBackend = Literal["sdpa", "reference"]  # "fused" (glm_ext.ops.mixed_mask_attention) comes next
+EmbeddingBackend = Literal["fused", "reference"]
+ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
+EMBEDDING_BACKENDS: tuple[str, ...] = get_args(EmbeddingBackend)
+
+INIT_STD = 0.02  # GLM_SPEC 3; the two output projections use INIT_STD / sqrt(2 * num_layers)
+LAYERNORM_EPS = 1e-5
+ROTARY_BASE = 10000.0
+VOCAB_MULTIPLE = 128
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+
+
+def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """``vocab_size`` rounded up to a multiple of ``multiple``, as the authors pad their vocabularies."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    return -(-vocab_size // multiple) * multiple
+
+
+# Sizes from GLM_SPEC 3 and the authors' model scripts (THUDM/GLM config_tasks/model_blocklm_*.sh).
+# base/large/410m/515m were trained with BERT WordPiece (30522 tokens + GLM's specials, padded to
+# 30592); 2b/10b with GPT-2 BPE (50304). 410m and 515m use 512 positions, like base and large.
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=128, num_heads=4, max_sequence_length=256, vocab_size=512),
+    "base": dict(num_layers=12, hidden_size=768, num_heads=12, max_sequence_length=512, vocab_size=30592),
+    "large": dict(num_layers=24, hidden_size=1024, num_heads=16, max_sequence_length=512, vocab_size=30592),
+    "410m": dict(num_layers=30, hidden_size=1024, num_heads=16, max_sequence_length=512, vocab_size=30592),
+    "515m": dict(num_layers=30, hidden_size=1152, num_heads=18, max_sequence_length=512, vocab_size=30592),
+    "2b": dict(num_layers=36, hidden_size=2048, num_heads=32, max_sequence_length=1024, vocab_size=50304),
+    "10b": dict(num_layers=48, hidden_size=4096, num_heads=64, max_sequence_length=1024, vocab_size=50304),
+}
+
+
+@dataclass(frozen=True)
+class GLMConfig:
+    """The architecture of a GLM (everything a checkpoint's weights need to be interpreted).
+
+    ``max_sequence_length`` is the largest position and block position a token may carry; the
+    learned tables have ``max_sequence_length + 1`` rows (as the authors' ``block_position_encoding``
+    does). ``position_encoding="rotary_2d"`` drops both tables and rotates q and k instead.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_sequence_length: int
+    position_encoding: PositionEncoding = "learned_2d"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_sequence_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"GLMConfig.{name} must be a positive int, got {value!r}")
+        if self.position_encoding not in get_args(PositionEncoding):
+            raise ValueError(
+                f"GLMConfig.position_encoding must be one of {get_args(PositionEncoding)}, "
+                f"got {self.position_encoding!r}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"GLMConfig.hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})"
+            )
+        if self.position_encoding == "rotary_2d" and self.head_dim % 4:
+            raise ValueError(f"rotary_2d needs a head dimension divisible by 4, got {self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        return 4 * self.hidden_size
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> GLMConfig:
+        """A named size from ``PRESETS``; ``overrides`` replace fields (a ``vocab_size`` override
+        is padded to a multiple of 128, e.g. the size of a freshly trained tokenizer)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        if "vocab_size" in overrides:
+            overrides["vocab_size"] = pad_vocab_size(overrides["vocab_size"])
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> GLMConfig:
+        """Inverse of ``to_dict``; unknown or missing fields are errors naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown GLMConfig field(s): {', '.join(unknown)}")
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        missing = sorted(required - set(values))
+        if missing:
+            raise ValueError(f"missing GLMConfig field(s): {', '.join(missing)}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# Attention: the mask of one forward pass and the single function with the backend switch
+
+
+@dataclass(frozen=True)
+class MixedMask:
+    """GLM's mixed mask (GLM_SPEC 2) for one forward pass, in the form the backends consume.
+
+    ``sep`` and ``cu_seqlens`` describe it compactly (what a fused kernel takes); ``dense`` is the
+    materialised ``[B or 1, 1, Lq, Lk]`` boolean mask that only the ``"sdpa"`` backend needs. It is
+    built once per forward pass and shared by all layers.
+    """
+
+    sep: torch.Tensor
+    cu_seqlens: torch.Tensor | None
+    dense: torch.Tensor | None
+
+    @classmethod
+    def build(
+        cls, sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int, backend: str
+    ) -> MixedMask:
+        dense = None
+        if backend == "sdpa":
+            if cu_seqlens is None:
+                dense = reference.mixed_mask(sep, seq_q, seq_k)[:, None]
+            else:
+                dense = _packed_mixed_mask(sep, cu_seqlens, seq_q)[None, None]
+        return cls(sep, cu_seqlens, dense)
+
+
+def _packed_mixed_mask(sep: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[T, T]`` block-diagonal mixed mask of a packed row: token ``i`` sees ``j`` iff both belong
+    to the same sample and ``j`` lies in that sample's Part A or ``j <= i``."""
+    tokens = torch.arange(total, device=sep.device)
+    sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
+    part_a_end = cu_seqlens[sample] + sep[sample]  # absolute end of each token's Part A
+    same_sample = sample[:, None] == sample[None, :]
+    return same_sample & ((tokens[None, :] < part_a_end[None, :]) | (tokens[None, :] <= tokens[:, None]))
+
+
+def mixed_mask_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask, backend: str
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` (packed: ``[T, H, D]``)
+    under GLM's mixed mask; queries are the last ``Lq`` of the ``Lk`` positions. Returns q's shape."""
+    if backend == "reference":
+        return reference.mixed_mask_attention(
+            q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens
+        )
+    # The "fused" backend (glm_ext.ops.mixed_mask_attention: same arguments as the reference
+    # call above, no dense mask) plugs in here.
+    packed = q.dim() == 3
+    if packed:
+        q, k, v = q[None], k[None], v[None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.dense
+    ).transpose(1, 2)
+    return out[0] if packed else out
+
+
+# --------------------------------------------------------------------------------------------
+# Key/value cache
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens processed so far, for decoding.
+
+    Pass the same cache to successive forward passes: each appends its tokens after the
+    ``length`` cached ones, and its queries see the cached keys under the mixed mask (query ``i``
+    of ``Lq`` new tokens has absolute position ``length + i``; ``sep`` stays that of the whole
+    sequence). Buffers ``[B, max_length, H, D]`` are allocated by the first pass in the dtype of
+    its keys (bfloat16 under bf16 autocast). Meant for inference (``torch.no_grad``): the buffers
+    are written in place.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.max_length = max_length
+        self.length = 0
+        self._keys: list[torch.Tensor] = []
+        self._values: list[torch.Tensor] = []
+
+    def check_room(self, batch_size: int, num_tokens: int) -> None:
+        """Raises ValueError unless ``num_tokens`` more tokens of ``batch_size`` rows fit."""
+        if self._keys and self._keys[0].shape[0] != batch_size:
+            raise ValueError(f"kv_cache holds {self._keys[0].shape[0]} rows, input_ids has {batch_size}")
+        if self.length + num_tokens > self.max_length:
+            raise ValueError(
+                f"kv_cache is full: {self.length} cached + {num_tokens} new tokens > max_length {self.max_length}"
+            )
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new ``k, v [B, Lq, H, D]`` of ``layer``; returns all keys and values so far."""
+        if layer == len(self._keys):
+            shape = (k.shape[0], self.max_length, *k.shape[2:])
+            self._keys.append(k.new_empty(shape))
+            self._values.append(v.new_empty(shape))
+        end = self.length + k.shape[1]
+        keys, values = self._keys[layer], self._values[layer]
+        keys[:, self.length : end] = k
+        values[:, self.length : end] = v
+        return keys[:, :end], values[:, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        """Marks ``num_tokens`` written by every layer as cached (called once per forward pass)."""
+        self.length += num_tokens
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+
+
+@dataclass(frozen=True)
+class _LayerContext:
+    """Everything a layer needs for one forward pass besides its hidden states."""
+
+    mask: MixedMask
+    attention_backend: str
+    rotary_ids: tuple[torch.Tensor, torch.Tensor] | None  # (positions, block positions), rotary_2d only
+    fused_rotary: bool
+    kv_cache: KVCache | None
+
+
+class SelfAttention(nn.Module):
+    """QKV projection (contiguous thirds ``[Q | K | V]``), optional 2D rotary, mixed-mask attention,
+    output projection."""
+
+    def __init__(self, config: GLMConfig, layer_index: int) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.layer_index = layer_index
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+        qkv = self.query_key_value(x)
+        q, k, v = qkv.view(*x.shape[:-1], 3, self.num_heads, -1).unbind(-3)
+        if ctx.rotary_ids is not None:
+            rotary = ops.rotary_2d if ctx.fused_rotary else reference.rotary_2d
+            q, k = rotary(q, *ctx.rotary_ids, ROTARY_BASE), rotary(k, *ctx.rotary_ids, ROTARY_BASE)
+        if ctx.kv_cache is not None:
+            k, v = ctx.kv_cache.write(self.layer_index, k, v)
+        out = mixed_mask_attention(q, k, v, ctx.mask, ctx.attention_backend)
+        return self.dense(out.flatten(-2))
+
+
+class MLP(nn.Module):
+    """``W2 gelu_tanh(W1 x)`` with a 4h inner width."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-LN: ``h = x + Attn(LN1(x))``, ``y = h + MLP(LN2(h))``."""
+
+    def __init__(self, config: GLMConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYERNORM_EPS)
+        self.attention = SelfAttention(config, layer_index)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYERNORM_EPS)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
+        h = x + self.attention(self.input_layernorm(x), ctx)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    """The authors' ``transformer`` submodule: position tables (learned_2d), layers, final LayerNorm."""
+
+    def __init__(self, config: GLMConfig) -> None:
+        super().__init__()
+        if config.position_encoding == "learned_2d":
+            rows = config.max_sequence_length + 1
+            self.position_embeddings = nn.Embedding(rows, config.hidden_size)
+            self.block_position_embeddings = nn.Embedding(rows, config.hidden_size)
+        self.layers = nn.ModuleList(TransformerLayer(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=LAYERNORM_EPS)
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+class GLMModel(nn.Module):
+    """GLM: ``model(input_ids, position_ids, sep) -> logits`` (see the module docstring for shapes).
+
+    ``attention_backend`` / ``embedding_backend`` may be changed on a built model (same weights).
+    ``activation_checkpointing`` recomputes each layer in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant) whenever gradients are recorded. Works under
+    ``torch.autocast`` (bf16) and ``torch.compile``; input values are checked in eager mode only.
+    """
+
+    def __init__(
+        self,
+        config: GLMConfig,
+        *,
+        attention_backend: AttentionBackend = "sdpa",
+        embedding_backend: EmbeddingBackend = "fused",
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.embedding_backend = embedding_backend
+        self.activation_checkpointing = activation_checkpointing
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.transformer = Transformer(config)
+        self.reset_parameters()
+
+    @property
+    def attention_backend(self) -> str:
+        return self._attention_backend
+
+    @attention_backend.setter
+    def attention_backend(self, value: str) -> None:
+        self._attention_backend = _choice("attention_backend", value, ATTENTION_BACKENDS)
+
+    @property
+    def embedding_backend(self) -> str:
+        return self._embedding_backend
+
+    @embedding_backend.setter
+    def embedding_backend(self, value: str) -> None:
+        self._embedding_backend = _choice("embedding_backend", value, EMBEDDING_BACKENDS)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GLM's initialisation: N(0, 0.02) for every table and projection, except the attention and
+        FFN output projections (N(0, 0.02 / sqrt(2 * layers)), GPT-2's deep-residual scaling); zero
+        biases; LayerNorm weight 1, bias 0."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=INIT_STD)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        output_std = INIT_STD / math.sqrt(2 * self.config.num_layers)
+        for layer in self.transformer.layers:
+            nn.init.normal_(layer.attention.dense.weight, std=output_std)
+            nn.init.normal_(layer.mlp.dense_4h_to_h.weight, std=output_std)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        sep: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, L, vocab]`` (packed: ``[T, vocab]``).
+
+        With ``kv_cache`` the inputs are the new tokens only; ``sep`` is that of the whole sequence.
+        """
+        _check_shapes(input_ids, position_ids, sep, cu_seqlens, kv_cache)
+        seq_q = input_ids.shape[-1]
+        seq_k = seq_q + (kv_cache.length if kv_cache is not None else 0)
+        if not torch.compiler.is_compiling():
+            _check_values(position_ids, sep, cu_seqlens, seq_k, self.config.max_sequence_length)
+
+        hidden = self._embed(input_ids, position_ids)
+        rotary_ids = tuple(position_ids.unbind(-2)) if self.config.position_encoding == "rotary_2d" else None
+        ctx = _LayerContext(
+            mask=MixedMask.build(sep, cu_seqlens, seq_q, seq_k, self.attention_backend),
+            attention_backend=self.attention_backend,
+            rotary_ids=rotary_ids,
+            fused_rotary=self.embedding_backend == "fused",
+            kv_cache=kv_cache,
+        )
+        for layer in self.transformer.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, ctx, use_reentrant=False)
+            else:
+                hidden = layer(hidden, ctx)
+        if kv_cache is not None:
+            kv_cache.advance(seq_q)
+        hidden = self.transformer.final_layernorm(hidden)
+        return F.linear(hidden, self.word_embeddings.weight)
+
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Word embedding, plus the two learned position embeddings unless positions are rotary."""
+        word = self.word_embeddings.weight
+        if self.config.position_encoding == "rotary_2d":
+            return F.embedding(input_ids, word)
+        position, block = position_ids.unbind(-2)
+        tables = (word, self.transformer.position_embeddings.weight, self.transformer.block_position_embeddings.weight)
+        embedding_2d = ops.embedding_2d if self.embedding_backend == "fused" else reference.embedding_2d
+        return embedding_2d(input_ids, position, block, *tables)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks
+
+
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_index_tensor(name: str, tensor: Any, shape: tuple[int, ...], reference_ids: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"{name} must be int32 or int64, got {tensor.dtype}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have the shape {list(shape)}, got {list(tensor.shape)}")
+    if tensor.device != reference_ids.device:
+        raise ValueError(f"{name} must be on the device of input_ids ({reference_ids.device}), got {tensor.device}")
+
+
+def _check_shapes(
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    sep: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    kv_cache: KVCache | None,
+) -> None:
+    """Types, dtypes, shapes and devices (no host synchronisation)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"input_ids must be an int32 or int64 tensor, got {getattr(input_ids, 'dtype', input_ids)}")
+    packed = cu_seqlens is not None
+    if input_ids.dim() != (1 if packed else 2):
+        layout = "[T] with cu_seqlens (packed)" if packed else "[B, L] (without cu_seqlens)"
+        raise ValueError(f"input_ids must have the shape {layout}, got {list(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids must hold at least one token, got the shape {list(input_ids.shape)}")
+    if packed:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+            raise TypeError(f"cu_seqlens must be an int32 tensor, got {getattr(cu_seqlens, 'dtype', cu_seqlens)}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must have the shape [n + 1] with n >= 1, got {list(cu_seqlens.shape)}")
+        if kv_cache is not None:
+            raise ValueError("kv_cache does not support packed rows (cu_seqlens)")
+        (total,) = input_ids.shape
+        _check_index_tensor("position_ids", position_ids, (2, total), input_ids)
+        _check_index_tensor("sep", sep, (cu_seqlens.numel() - 1,), input_ids)
+        _check_index_tensor("cu_seqlens", cu_seqlens, tuple(cu_seqlens.shape), input_ids)
+    else:
+        batch, seq = input_ids.shape
+        _check_index_tensor("position_ids", position_ids, (batch, 2, seq), input_ids)
+        _check_index_tensor("sep", sep, (batch,), input_ids)
+        if kv_cache is not None:
+            kv_cache.check_room(batch, seq)
+
+
+def _check_values(
+    position_ids: torch.Tensor,
+    sep: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    seq_k: int,
+    max_position: int,
+) -> None:
+    """Value ranges of positions, ``sep`` and ``cu_seqlens``, read with one host synchronisation."""
+    lengths = torch.full_like(sep, seq_k) if cu_seqlens is None else cu_seqlens.diff()
+    stats = [position_ids.min(), position_ids.max(), sep.min(), (sep.to(torch.int64) - lengths).max()]
+    if cu_seqlens is not None:
+        stats += [cu_seqlens[0], cu_seqlens[-1], cu_seqlens.diff().min()]
+    values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
+    pos_min, pos_max, sep_min, sep_over = values[:4]
+    if cu_seqlens is not None:
+        total = position_ids.shape[-1]
+        cu_first, cu_last, cu_step = values[4:]
+        if cu_first != 0 or cu_last != total or cu_step < 0:
+            raise ValueError(
+                f"cu_seqlens must start at 0, never decrease and end at the number of tokens ({total}), "
+                f"got {cu_seqlens.tolist()}"
+            )
+    if pos_min < 0 or pos_max > max_position:
+        raise ValueError(
+            f"position_ids must lie in [0, max_sequence_length={max_position}], got values in [{pos_min}, {pos_max}]"
+        )
+    if sep_min < 0 or sep_over > 0:
+        bound = f"its sequence length ({seq_k})" if cu_seqlens is None else "the length of its sample"
+        raise ValueError(f"sep must lie in [0, L] with L {bound}, got {sep.tolist()}")
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions selected by ``loss_mask`` (the authors' formula
+    ``sum(loss * mask) / sum(mask)``; a float mask weights positions), computed in float32.
+
+    ``logits [..., V]``, ``targets`` and ``loss_mask`` of shape ``[...]``. Targets under a zero
+    mask are not read, so they may hold padding. An all-zero mask returns 0 (with zero
+    gradients) instead of NaN. Returns a float32 scalar.
+    """
+    if targets.shape != logits.shape[:-1] or loss_mask.shape != targets.shape:
+        raise ValueError(
+            f"targets and loss_mask must have the shape {list(logits.shape[:-1])} of logits without "
+            f"the vocabulary, got {list(targets.shape)} and {list(loss_mask.shape)}"
+        )
+    mask = loss_mask.reshape(-1).float()
+    safe_targets = targets.reshape(-1).masked_fill(mask == 0, 0)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), safe_targets, reduction="none")
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 import glm_ext
-from benchmarks.common import default_device, environment_info, print_table, time_fn, write_results
+from benchmarks.common import default_device, environment_info, print_table, select_device, time_fn, write_results
 from glm_ext.data import BlankInfillingBatch, BlankInfillingConfig, span_shuffle_batch
 
 # GPT-2 layout of GLM's special tokens (GLM_SPEC section 4); text ids are drawn from [100, 50000).
@@ -246,14 +246,7 @@ SUMMARY_COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-            return 2
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(device)
+    device = select_device(args.device)
     torch.set_num_threads(args.threads)
     on_cuda = device.type == "cuda"
     batch = args.batch or (16 if args.quick else 64)

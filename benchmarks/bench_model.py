@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 import torch
 
-from benchmarks.common import default_device, environment_info, print_table, time_fn, write_results
+from benchmarks.common import default_device, environment_info, print_table, select_device, time_fn, write_results
 from glm_ext.model import PRESETS, GLMConfig, GLMModel, lm_loss
 
 BASELINE = {"embedding_backend": "reference", "attention_backend": "sdpa"}
@@ -150,10 +150,7 @@ SUMMARY_COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
-        return 2
+    device = select_device(args.device)
     on_cuda = device.type == "cuda"
     preset = args.preset or ("tiny" if args.quick else "large")
     seq = args.seq or (128 if args.quick else 512)

@@ -37,6 +37,7 @@ __all__ = [
     "l2_cache_bytes",
     "print_table",
     "time_fn",
+    "select_device",
     "write_results",
 ]
 
@@ -46,6 +47,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def default_device() -> str:
     """``cuda`` where a CUDA device is visible, else ``cpu`` (the ``--device`` default)."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def select_device(name: str) -> torch.device:
+    """The ``--device`` argument as a device, made current; exits with a message when it names a
+    CUDA device and none is visible."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit(f"error: --device {name} but no CUDA device is visible")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def _synchronize(device: torch.device) -> None:

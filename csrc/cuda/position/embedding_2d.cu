@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda/launch_utils.cuh"
 #include "position_ops.h"
 
 namespace glm_ext {
@@ -21,26 +22,11 @@ namespace {
 
 constexpr int kWarpSize = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kThreadsPerBlock = 256;
-// Grid-stride kernels launch at most this many blocks per SM: a few waves of full occupancy.
-constexpr int kMaxBlocksPerSm = 32;
-
-// N consecutive elements moved as one access: 16 bytes for the vectorized path, one element for
-// the scalar fallback.
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-bool is_aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
-
-int64_t max_grid_blocks() {
-  return int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * kMaxBlocksPerSm;
-}
+using cuda::ceil_div;
+using cuda::is_aligned;
+using cuda::kThreadsPerBlock;
+using cuda::max_grid_blocks;
+using cuda::Vec;
 
 // ---------------------------------------------------------------------------------------------
 // Forward: out[t] = word[ids[t]] + position[pos[t]] + block_position[bpos[t]].

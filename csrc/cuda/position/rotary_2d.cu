@@ -11,24 +11,20 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/launch_utils.cuh"
 #include "position_ops.h"
 
 namespace glm_ext {
 namespace {
 
-constexpr int kThreadsPerBlock = 256;
-// Grid-stride kernel: at most this many blocks per SM, a few waves of full occupancy.
-constexpr int kMaxBlocksPerSm = 32;
+using cuda::ceil_div;
+using cuda::kThreadsPerBlock;
+using cuda::max_grid_blocks;
+using cuda::Vec;
+
 // Each thread rotates at least this many heads with one set of cos/sin (when there are that many),
 // so the accurate sincos is amortised; below that, heads are split over threads for parallelism.
 constexpr int64_t kMinHeadsPerThread = 4;
-
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Vec {
-  T val[N];
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __device__ __forceinline__ void sin_cos(float angle, float* s, float* c) { sincosf(angle, s, c); }
 __device__ __forceinline__ void sin_cos(double angle, double* s, double* c) { sincos(angle, s, c); }
@@ -141,8 +137,7 @@ void launch_rotary_2d(const at::Tensor& x, at::Tensor& out, const Rotary2dArgs& 
   g.num_groups = ceil_div(args.heads, g.heads_per_group);
 
   const int64_t units = units_per_group * g.num_groups;
-  const int64_t max_blocks = int64_t{props->multiProcessorCount} * kMaxBlocksPerSm;
-  const auto grid = static_cast<unsigned>(std::min(ceil_div(units, kThreadsPerBlock), max_blocks));
+  const auto grid = static_cast<unsigned>(std::min(ceil_div(units, kThreadsPerBlock), max_grid_blocks()));
   rotary_2d_kernel<scalar_t, VEC><<<grid, kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
       x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
       args.position_ids.const_data_ptr<int64_t>(),

@@ -49,6 +49,27 @@ TORCH_LIBRARY(glm_ext, m) {
   m.def(
       "blank_infilling(Tensor tokens, Tensor spans, Tensor order, int mask_id, int sop_id, "
       "int eop_id) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Mixed-mask attention (GLM_SPEC section 2): softmax attention where query i (absolute position
+  // seq_k - seq_q + i) sees key j iff j < sep or j <= position; layouts, lse and checks are
+  // described in csrc/attention.h. Padded: q [batch, seq_q, heads_q, head_dim], k/v [batch,
+  // seq_k, heads_kv, head_dim], sep [batch], cu_seqlens None (max_seqlen ignored). Packed: q
+  // [total_q, heads_q, head_dim], k/v [total_k, heads_kv, head_dim], cu_seqlens int32 [n + 1],
+  // sep [n]; max_seqlen an upper bound of the sample lengths (0: unknown, the kernel finds it).
+  // lse: float32 (float64 for float64 inputs) [batch, heads_q, seq_q] padded, [heads_q, total_q]
+  // packed.
+  m.def(
+      "mixed_mask_attention(Tensor q, Tensor k, Tensor v, Tensor sep, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale) "
+      "-> (Tensor out, Tensor lse)");
+  // Gradients of q, k, v from grad_out and, when given, grad_lse (the gradient of lse).
+  // Deterministic: every element is summed in a fixed order (on the CPU the order may depend on
+  // the thread count, which picks between a fused and a two-pass backward).
+  m.def(
+      "mixed_mask_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
+      "Tensor v, Tensor out, Tensor lse, Tensor sep, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+      "SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
 
 #ifdef GLM_EXT_WITH_CUDA

@@ -9,7 +9,8 @@ Two switches pick the implementation of the non-matmul parts, never the maths:
 * ``embedding_backend``: ``"fused"`` uses ``glm_ext.ops`` (``embedding_2d``, ``rotary_2d``);
   ``"reference"`` the plain PyTorch code of ``glm_ext.reference``.
 * ``attention_backend``: ``"sdpa"`` runs ``torch.nn.functional.scaled_dot_product_attention`` with a
-  dense boolean mixed mask; ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``.
+  dense boolean mixed mask; ``"fused"`` runs ``glm_ext.ops.mixed_mask_attention`` (no dense mask,
+  packed rows go in as they are); ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``.
 
 Inputs, padded: ``input_ids [B, L]``, ``position_ids [B, 2, L]`` (row 0 positions, row 1 block
 positions), ``sep [B]`` (length of Part A of each row). Packed (several samples in one row, no
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 PositionEncoding = Literal["learned_2d", "rotary_2d"]
-AttentionBackend = Literal["sdpa", "reference"]  # "fused" (glm_ext.ops.mixed_mask_attention) comes next
+AttentionBackend = Literal["sdpa", "fused", "reference"]
 EmbeddingBackend = Literal["fused", "reference"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 EMBEDDING_BACKENDS: tuple[str, ...] = get_args(EmbeddingBackend)
@@ -158,25 +159,30 @@ class MixedMask:
     """GLM's mixed mask (GLM_SPEC 2) for one forward pass, in the form the backends consume.
 
     ``sep`` and ``cu_seqlens`` describe it compactly (what a fused kernel takes); ``dense`` is the
-    materialised ``[B or 1, 1, Lq, Lk]`` boolean mask that only the ``"sdpa"`` backend needs. It is
-    built once per forward pass and shared by all layers.
+    materialised ``[B or 1, 1, Lq, Lk]`` boolean mask that only the ``"sdpa"`` backend needs;
+    ``max_seqlen`` the longest packed sample for the ``"fused"`` backend (read once per forward pass
+    rather than once per layer; None under ``torch.compile``). It is built once per forward pass and
+    shared by all layers.
     """
 
     sep: torch.Tensor
     cu_seqlens: torch.Tensor | None
     dense: torch.Tensor | None
+    max_seqlen: int | None = None
 
     @classmethod
     def build(
         cls, sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int, backend: str
     ) -> MixedMask:
-        dense = None
+        dense, max_seqlen = None, None
         if backend == "sdpa":
             if cu_seqlens is None:
                 dense = reference.mixed_mask(sep, seq_q, seq_k)[:, None]
             else:
                 dense = _packed_mixed_mask(sep, cu_seqlens, seq_q)[None, None]
-        return cls(sep, cu_seqlens, dense)
+        elif backend == "fused" and cu_seqlens is not None and not torch.compiler.is_compiling():
+            max_seqlen = int(cu_seqlens.diff().max())  # one host synchronisation per forward pass
+        return cls(sep, cu_seqlens, dense, max_seqlen)
 
 
 def _packed_mixed_mask(sep: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -194,12 +200,12 @@ def mixed_mask_attention(
 ) -> torch.Tensor:
     """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` (packed: ``[T, H, D]``)
     under GLM's mixed mask; queries are the last ``Lq`` of the ``Lk`` positions. Returns q's shape."""
-    if backend == "reference":
-        return reference.mixed_mask_attention(
-            q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens
+    if backend in ("fused", "reference"):
+        attention = ops.mixed_mask_attention if backend == "fused" else reference.mixed_mask_attention
+        return attention(
+            q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
+            max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen,
         )
-    # The "fused" backend (glm_ext.ops.mixed_mask_attention: same arguments as the reference
-    # call above, no dense mask) plugs in here.
     packed = q.dim() == 3
     if packed:
         q, k, v = q[None], k[None], v[None]

@@ -12,7 +12,7 @@ import torch
 
 from glm_ext import _C  # noqa: F401  (loads the library: registers torch.ops.glm_ext)
 
-__all__ = ["blank_infilling", "embedding_2d", "rotary_2d", "span_shuffle_batch"]
+__all__ = ["blank_infilling", "embedding_2d", "mixed_mask_attention", "rotary_2d", "span_shuffle_batch"]
 
 _ops = torch.ops.glm_ext
 
@@ -189,6 +189,153 @@ def _rotary_2d_double_backward(ctx, grad):
 
 torch.library.register_autograd(
     "glm_ext::rotary_2d_backward", _rotary_2d_double_backward, setup_context=_rotary_2d_setup_context
+)
+
+
+# --------------------------------------------------------------------------------------------
+# mixed_mask_attention
+
+
+def mixed_mask_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    softmax_scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention under GLM's mixed mask (GLM_SPEC section 2), never materialising it.
+
+    Query ``i`` (absolute position ``seq_k - seq_q + i``) sees key ``j`` iff ``j < sep`` or
+    ``j <= position``: bidirectional over Part A, causal over Part B.
+
+    Padded layout: ``q [batch, seq_q, heads_q, head_dim]``, ``k, v [batch, seq_k, heads_kv,
+    head_dim]``, ``sep`` (int32 or int64) ``[batch]`` with values in ``[0, seq_k]``. ``seq_q <
+    seq_k`` is decoding with a key/value cache: the queries are the last ``seq_q`` positions.
+    Packed layout (flash-attention's "varlen"): ``q [total_q, heads_q, head_dim]`` with int32
+    ``cu_seqlens_q [n + 1]`` (sample ``i`` is rows ``cu_seqlens_q[i]:cu_seqlens_q[i + 1]``), the same
+    for ``k, v`` with ``cu_seqlens_k``, and ``sep [n]``: independent samples, each with its own
+    ``sep``. ``heads_q`` must be a multiple of ``heads_kv`` (grouped-query / multi-query attention).
+    Inputs may be strided views (e.g. of a fused QKV projection) as long as ``head_dim`` is
+    contiguous. On the CPU: float32, float16, bfloat16 and float64, any ``head_dim`` in 1..256.
+
+    ``max_seqlen_q`` / ``max_seqlen_k`` (packed only): the longest sample; computed from
+    ``cu_seqlens`` with one host synchronisation when not given (not under ``torch.compile``, where
+    the kernel finds them). ``softmax_scale`` defaults to ``head_dim ** -0.5``.
+
+    Returns the output (like ``q``; accumulated in float32, float64 for float64) and, with
+    ``return_lse``, the natural log-sum-exp of each query row's scaled scores: float32 (float64 for
+    float64 inputs), ``[batch, heads_q, seq_q]`` padded, ``[heads_q, total_q]`` packed. Both are
+    differentiable; the backward is deterministic.
+    """
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("mixed_mask_attention: pass both cu_seqlens_q and cu_seqlens_k (packed) or neither (padded)")
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if cu_seqlens_q is None:
+        max_seqlen_q = max_seqlen_k = 0  # the padded layout takes its lengths from the shapes
+    elif max_seqlen_q is None or max_seqlen_k is None:
+        found = _max_seqlens(cu_seqlens_q, cu_seqlens_k)
+        max_seqlen_q = found[0] if max_seqlen_q is None else max_seqlen_q
+        max_seqlen_k = found[1] if max_seqlen_k is None else max_seqlen_k
+    out, lse = _ops.mixed_mask_attention(
+        q, k, v, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale)
+    )
+    return (out, lse) if return_lse else out
+
+
+def _max_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) -> tuple[int, int]:
+    """The longest query and key sample (one host synchronisation); 0, i.e. "unknown, the kernel
+    finds it", under ``torch.compile`` or for arguments the op will reject anyway."""
+    valid = all(
+        isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() >= 2 and not t.is_floating_point()
+        for t in (cu_seqlens_q, cu_seqlens_k)
+    )
+    if torch.compiler.is_compiling() or not valid or cu_seqlens_q.device != cu_seqlens_k.device:
+        return 0, 0
+    lengths = torch.stack([cu_seqlens_q.diff().max(), cu_seqlens_k.diff().max()]).tolist()
+    return max(lengths[0], 0), max(lengths[1], 0)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _check_same_device(q: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    # The kernels check devices too; a fake kernel runs instead of them when any input is a meta
+    # tensor, so it repeats this check (with their message).
+    for name, t in tensors.items():
+        if t is not None and t.device != q.device:
+            raise ValueError(f"mixed_mask_attention: {name} must be on the device of q ({q.device}), got {t.device}")
+
+
+@torch.library.register_fake("glm_ext::mixed_mask_attention")
+def _mixed_mask_attention_fake(q, k, v, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
+    _check_same_device(q, k=k, v=v, sep=sep, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if cu_seqlens_q is None:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:
+        lse_shape = (q.shape[1], q.shape[0])
+    return q.new_empty(q.shape), q.new_empty(lse_shape, dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("glm_ext::mixed_mask_attention_backward")
+def _mixed_mask_attention_backward_fake(
+    grad_out, grad_lse, q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
+):
+    _check_same_device(
+        q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse, sep=sep,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    )
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _mixed_mask_attention_setup_context(ctx, inputs, output):
+    q, k, v, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k)
+    ctx.max_seqlens = (max_seqlen_q, max_seqlen_k)
+    ctx.softmax_scale = softmax_scale
+
+
+def _mixed_mask_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    if grad_out is None:  # only lse was used
+        grad_out = torch.zeros_like(out)
+    grad_q, grad_k, grad_v = _ops.mixed_mask_attention_backward(
+        grad_out, grad_lse, q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k, *ctx.max_seqlens, ctx.softmax_scale
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_q if needs[0] else None,
+        grad_k if needs[1] else None,
+        grad_v if needs[2] else None,
+        None, None, None, None, None, None,
+    )
+
+
+torch.library.register_autograd(
+    "glm_ext::mixed_mask_attention", _mixed_mask_attention_backward, setup_context=_mixed_mask_attention_setup_context
+)
+
+
+# No double backward; registering one that refuses makes it an error instead of PyTorch's warning
+# about a missing autograd kernel (and silently zero gradients).
+def _mixed_mask_attention_double_backward(ctx, *grads):
+    raise NotImplementedError("mixed_mask_attention: double backward (gradients of the gradients) is not supported")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd(
+    "glm_ext::mixed_mask_attention_backward", _mixed_mask_attention_double_backward, setup_context=_no_context
 )
 
 

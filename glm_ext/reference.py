@@ -87,10 +87,15 @@ def mixed_mask_attention(
     *,
     cu_seqlens_q: torch.Tensor | None = None,
     cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     softmax_scale: float | None = None,
     return_lse: bool = False,
 ):
     """Softmax attention under GLM's mixed mask, materialised (the oracle, not a fast path).
+
+    The signature is that of ``glm_ext.ops.mixed_mask_attention``; ``max_seqlen_q`` and
+    ``max_seqlen_k`` (a launch hint of the fused kernels) are accepted and ignored.
 
     Padded layout: ``q [batch, seq_q, heads_q, dim]``, ``k, v [batch, seq_k, heads_kv, dim]``,
     ``sep [batch]``. Packed layout: ``q [total_q, heads_q, dim]`` with ``cu_seqlens_q [n + 1]``

@@ -11,7 +11,10 @@ from conftest import assert_within_pytorch_error
 
 from glm_ext.model import PRESETS, GLMConfig, GLMModel, KVCache, lm_loss, pad_vocab_size
 
-BACKENDS = [("sdpa", "fused"), ("sdpa", "reference"), ("reference", "fused"), ("reference", "reference")]
+BACKENDS = [
+    ("sdpa", "fused"), ("sdpa", "reference"), ("fused", "fused"), ("fused", "reference"), ("reference", "fused"),
+    ("reference", "reference"),
+]
 ENCODINGS = ["learned_2d", "rotary_2d"]
 
 
@@ -233,9 +236,10 @@ def test_logits_depend_on_sep_and_both_position_rows():
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_fast_and_reference_backends_agree_in_float32(encoding):
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_fast_and_reference_backends_agree_in_float32(encoding, attention):
     config = small_config(encoding, max_sequence_length=64)
-    model = random_model(config, dtype=torch.float32, scale=0.1)
+    model = random_model(config, dtype=torch.float32, attention=attention, scale=0.1)
     ids, positions, sep = random_inputs(config, batch=3, seq=40)
     fast = model(ids, positions, sep)
     model.attention_backend, model.embedding_backend = "reference", "reference"
@@ -244,7 +248,8 @@ def test_fast_and_reference_backends_agree_in_float32(encoding):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_bf16_autocast_within_pytorch_error(encoding, device):
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_bf16_autocast_within_pytorch_error(encoding, device, attention):
     # Fast backends under bf16 autocast vs the plain references in the same precision, both judged
     # against the float64 model with the same weights (conftest's tolerance rule).
     config = small_config(encoding, hidden_size=64, max_sequence_length=64)
@@ -265,7 +270,11 @@ def test_bf16_autocast_within_pytorch_error(encoding, device):
         watched = ("word_embeddings.weight", "transformer.layers.1.attention.query_key_value.weight")
         return logits.detach().cpu(), [m.get_parameter(name).grad.cpu() for name in watched]
 
-    ours, ours_grads = logits_and_grads(model, ("sdpa", "fused"), True)
+    if attention == "fused" and device == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "glm_ext::mixed_mask_attention", "CUDA"
+    ):
+        pytest.skip("no CUDA kernel of mixed_mask_attention yet")
+    ours, ours_grads = logits_and_grads(model, (attention, "fused"), True)
     pytorch, pytorch_grads = logits_and_grads(model, ("reference", "reference"), True)
     exact, exact_grads = logits_and_grads(exact_model, ("reference", "reference"), False)
     assert ours.dtype == torch.bfloat16
@@ -333,7 +342,7 @@ def test_padding_never_changes_real_tokens():
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("attention, embedding", [("sdpa", "fused"), ("reference", "reference")])
+@pytest.mark.parametrize("attention, embedding", [("sdpa", "fused"), ("fused", "fused"), ("reference", "reference")])
 @pytest.mark.parametrize("chunks", [(6, 1, 1, 1, 1, 1, 1, 1, 1), (6, 2, 3, 3), (3, 3, 8)])
 def test_kv_cache_matches_recomputing_everything(encoding, attention, embedding, chunks):
     config = small_config(encoding)
@@ -427,9 +436,10 @@ def test_activation_checkpointing_gives_the_same_gradients(encoding):
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_torch_compile_fullgraph_forward_and_backward(encoding):
+@pytest.mark.parametrize("attention", ["sdpa", "fused"])
+def test_torch_compile_fullgraph_forward_and_backward(encoding, attention):
     config = small_config(encoding)
-    model = random_model(config, dtype=torch.float32, scale=0.1)
+    model = random_model(config, dtype=torch.float32, attention=attention, scale=0.1)
     ids, positions, sep = random_inputs(config, batch=2, seq=9)
     targets = torch.randint(0, config.vocab_size, (2, 9))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -569,7 +579,7 @@ def test_kv_cache_errors():
 
 def test_unknown_backends():
     with pytest.raises(ValueError, match="attention_backend must be one of"):
-        GLMModel(small_config(), attention_backend="fused")
+        GLMModel(small_config(), attention_backend="flash")
     model = GLMModel(small_config())
     with pytest.raises(ValueError, match="embedding_backend must be one of"):
         model.embedding_backend = "triton"

@@ -1,0 +1,600 @@
+"""glm_ext.ops.mixed_mask_attention: attention under GLM's mixed mask, never materialised."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import LOW_PRECISION, assert_within_pytorch_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from glm_ext import ops, reference
+
+OP = torch.ops.glm_ext.mixed_mask_attention.default
+BACKWARD_OP = torch.ops.glm_ext.mixed_mask_attention_backward.default
+HEADS = [(2, 2), (6, 2), (4, 1)]  # (heads_q, heads_kv): multi-head, grouped-query, multi-query
+
+
+def make_qkv(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype=torch.float64, device="cpu"):
+    q = torch.randn(batch, seq_q, heads_q, dim, dtype=dtype, device=device)
+    k = torch.randn(batch, seq_k, heads_kv, dim, dtype=dtype, device=device)
+    v = torch.randn(batch, seq_k, heads_kv, dim, dtype=dtype, device=device)
+    return q, k, v
+
+
+def cu_seqlens(lengths, device="cpu"):
+    offsets = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
+def make_packed(lengths_q, lengths_k, heads_q, heads_kv, dim, dtype=torch.float64):
+    q = torch.randn(sum(lengths_q), heads_q, dim, dtype=dtype)
+    k = torch.randn(sum(lengths_k), heads_kv, dim, dtype=dtype)
+    v = torch.randn(sum(lengths_k), heads_kv, dim, dtype=dtype)
+    return q, k, v, cu_seqlens(lengths_q), cu_seqlens(lengths_k)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def assert_close_to_reference(q, k, v, sep, rtol=1e-10, atol=1e-10, **layout):
+    """Output, lse and the gradients of q, k, v (from out and lse) against the float64 reference."""
+    ours_in, ref_in = leaves(q, k, v), leaves(q, k, v)
+    out, lse = ops.mixed_mask_attention(*ours_in, sep, return_lse=True, **layout)
+    want_out, want_lse = reference.mixed_mask_attention(*ref_in, sep, return_lse=True, **layout)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.dtype == want_lse.dtype
+    torch.testing.assert_close(out, want_out, rtol=rtol, atol=atol)
+    torch.testing.assert_close(lse, want_lse, rtol=rtol, atol=atol)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out, lse), ours_in, (grad_out, grad_lse), allow_unused=True)
+    want = torch.autograd.grad((want_out, want_lse), ref_in, (grad_out, grad_lse), allow_unused=True)
+    for g, w, t in zip(got, want, ref_in):
+        w = torch.zeros_like(t) if w is None else w
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+
+
+def sdpa_math(q, k, v, sep, cu_seqlens_q=None, cu_seqlens_k=None):
+    """PyTorch's own attention in q's dtype: SDPA's math backend with the dense mixed mask (one
+    sample at a time in the packed layout)."""
+    if cu_seqlens_q is not None:
+        pieces = []
+        for i in range(len(sep)):
+            qs = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
+            ks = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
+            if qs.stop > qs.start:
+                pieces.append(sdpa_math(q[None, qs], k[None, ks], v[None, ks], sep[i : i + 1])[0])
+        return torch.cat(pieces)
+    mask = reference.mixed_mask(sep, q.shape[1], k.shape[1])[:, None]
+    with sdpa_kernel(SDPBackend.MATH):
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+        )
+    return out.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the float64 reference
+
+
+def test_hand_checked_uniform_attention():
+    # q = 0: every visible key gets the same weight, so with v = identity rows the output row i is
+    # 1/visible_i on the keys it sees: visible = max(sep, i + 1) = [2, 2, 3, 4, 5] for sep = 2.
+    seq = 5
+    q = torch.zeros(1, seq, 1, 8)
+    k = torch.randn(1, seq, 1, 8)
+    v = torch.eye(seq, 8)[None, :, None]
+    out, lse = ops.mixed_mask_attention(q, k, v, torch.tensor([2], dtype=torch.int32), return_lse=True)
+    visible = torch.tensor([2, 2, 3, 4, 5])
+    expected = (torch.arange(8)[None] < visible[:, None]).float() / visible[:, None]
+    torch.testing.assert_close(out[0, :, 0], expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(lse[0, 0], visible.float().log(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seq", [1, 67, 150])
+@pytest.mark.parametrize("sep_case", ["0", "1", "half", "L-1", "L", "mixed"])
+@pytest.mark.parametrize("heads_q, heads_kv", HEADS)
+def test_padded_matches_float64_reference(seq, sep_case, heads_q, heads_kv):
+    batch = 3
+    values = {"0": 0, "1": 1, "half": seq // 2, "L-1": seq - 1, "L": seq}
+    if sep_case == "mixed":
+        sep = torch.tensor([0, seq, torch.randint(0, seq + 1, ()).item()], dtype=torch.int32)
+    else:
+        sep = torch.full((batch,), min(values[sep_case], seq), dtype=torch.int32)
+    q, k, v = make_qkv(batch, seq, seq, heads_q, heads_kv, dim=24)
+    assert_close_to_reference(q, k, v, sep)
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(1, 70), (5, 70), (64, 130), (66, 129), (0, 9)])
+@pytest.mark.parametrize("heads_q, heads_kv", HEADS[1:])
+def test_decoding_queries_are_the_last_positions(seq_q, seq_k, heads_q, heads_kv):
+    q, k, v = make_qkv(2, seq_q, seq_k, heads_q, heads_kv, dim=16)
+    sep = torch.tensor([seq_k // 3, seq_k - seq_q // 2])
+    assert_close_to_reference(q, k, v, sep)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 16, 64, 100, 128, 256])
+def test_head_dims(dim):
+    q, k, v = make_qkv(1, 70, 70, 2, 1, dim)
+    assert_close_to_reference(q, k, v, torch.tensor([30]))
+
+
+@pytest.mark.parametrize("heads_q, heads_kv", HEADS)
+def test_packed_matches_float64_reference(heads_q, heads_kv):
+    lengths = [70, 1, 0, 129, 33]
+    sep = torch.tensor([35, 1, 0, 0, 33], dtype=torch.int32)
+    q, k, v, cu_q, cu_k = make_packed(lengths, lengths, heads_q, heads_kv, dim=12)
+    assert_close_to_reference(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_packed_decoding_with_different_query_and_key_lengths():
+    lengths_q, lengths_k = [1, 0, 5, 66], [10, 3, 5, 130]
+    sep = torch.tensor([10, 2, 1, 64])
+    q, k, v, cu_q, cu_k = make_packed(lengths_q, lengths_k, 4, 2, dim=16)
+    assert_close_to_reference(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    # max_seqlen given explicitly (no host synchronisation) gives the same result.
+    a = ops.mixed_mask_attention(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    b = ops.mixed_mask_attention(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=66, max_seqlen_k=130)
+    assert torch.equal(a, b)
+
+
+def test_packed_equals_padded_per_sample():
+    lengths, heads, dim = [40, 7, 65], 3, 8
+    sep = torch.tensor([20, 7, 1])
+    q, k, v, cu_q, cu_k = make_packed(lengths, lengths, heads, heads, dim, dtype=torch.float32)
+    packed, lse = ops.mixed_mask_attention(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    for i, n in enumerate(lengths):
+        rows = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        alone, alone_lse = ops.mixed_mask_attention(
+            q[None, rows], k[None, rows], v[None, rows], sep[i : i + 1], return_lse=True
+        )
+        assert torch.equal(packed[rows], alone[0])
+        assert torch.equal(lse[:, rows], alone_lse[0])
+
+
+def test_softmax_scale():
+    q, k, v = make_qkv(2, 20, 20, 2, 2, 8)
+    sep = torch.tensor([5, 0])
+    for scale in (0.0, 0.3, -1.7):
+        torch.testing.assert_close(
+            ops.mixed_mask_attention(q, k, v, sep, softmax_scale=scale),
+            reference.mixed_mask_attention(q, k, v, sep, softmax_scale=scale),
+            rtol=1e-10, atol=1e-10,
+        )
+
+
+def test_empty_inputs():
+    for batch, seq in ((0, 5), (2, 0)):
+        q, k, v = make_qkv(batch, seq, seq, 2, 1, 8)
+        q, k, v = leaves(q, k, v)
+        out, lse = ops.mixed_mask_attention(q, k, v, torch.zeros(batch, dtype=torch.int32), return_lse=True)
+        assert out.shape == q.shape and lse.shape == (batch, 2, seq)
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
+    # Packed with no tokens at all.
+    q, k, v, cu_q, cu_k = make_packed([0, 0], [0, 0], 2, 2, 4)
+    sep = torch.zeros(2, dtype=torch.int32)
+    out, lse = ops.mixed_mask_attention(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    assert out.shape == (0, 2, 4) and lse.shape == (2, 0)
+
+
+def test_strided_inputs_from_a_fused_qkv_projection():
+    batch, seq, heads, dim = 2, 77, 3, 16
+    qkv = torch.randn(batch, seq, 3, heads, dim)
+    q, k, v = qkv.unbind(2)  # views, seq stride 3 * heads * dim: no copy needed
+    assert not q.is_contiguous()
+    sep = torch.tensor([30, 77])
+    strided = ops.mixed_mask_attention(q, k, v, sep)
+    contiguous = ops.mixed_mask_attention(q.contiguous(), k.contiguous(), v.contiguous(), sep)
+    assert torch.equal(strided, contiguous)
+    # A non-contiguous head dimension is copied first.
+    wide = torch.randn(batch, seq, heads, 2 * dim)
+    q2 = wide[..., ::2]
+    assert torch.equal(ops.mixed_mask_attention(q2, k, v, sep), ops.mixed_mask_attention(q2.contiguous(), k, v, sep))
+    # A broadcast grad_out (from .sum()) is handled as well.
+    q3, k3, v3 = leaves(q, k, v)
+    ops.mixed_mask_attention(q3, k3, v3, sep).sum().backward()
+    r3 = leaves(q, k, v)
+    reference.mixed_mask_attention(*r3, sep).sum().backward()
+    for got, want in zip((q3, k3, v3), r3):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_int64_sep_and_int32_sep_agree():
+    q, k, v = make_qkv(2, 30, 30, 2, 2, 8, dtype=torch.float32)
+    a = ops.mixed_mask_attention(q, k, v, torch.tensor([3, 17]))
+    b = ops.mixed_mask_attention(q, k, v, torch.tensor([3, 17], dtype=torch.int32))
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Low precision: flash-attention's rule against PyTorch in the same dtype
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float32,))
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (6, 2)])
+def test_low_precision_within_pytorch_error(dtype, heads_q, heads_kv):
+    seq = 200
+    q, k, v = (t.to(dtype) for t in make_qkv(2, seq, seq, heads_q, heads_kv, 64))
+    sep = torch.tensor([0, 120])
+    exact_in = leaves(*(t.double() for t in (q, k, v)))
+    ours_in, pytorch_in = leaves(q, k, v), leaves(q, k, v)
+    exact = reference.mixed_mask_attention(*exact_in, sep)
+    ours = ops.mixed_mask_attention(*ours_in, sep)
+    pytorch = sdpa_math(*pytorch_in, sep)
+    assert_within_pytorch_error(ours.detach(), pytorch.detach(), exact.detach(), factor=2.0)
+
+    grad = torch.randn_like(exact).to(dtype)
+    for o, p, e in zip(
+        torch.autograd.grad(ours, ours_in, grad),
+        torch.autograd.grad(pytorch, pytorch_in, grad),
+        torch.autograd.grad(exact, exact_in, grad.double()),
+    ):
+        assert_within_pytorch_error(o, p, e, factor=3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd, torch.compile, opcheck
+
+
+def test_gradcheck_padded_packed_and_decoding():
+    q, k, v = leaves(*make_qkv(2, 9, 9, 4, 2, 5))
+    sep = torch.tensor([3, 9])
+    assert torch.autograd.gradcheck(lambda *t: ops.mixed_mask_attention(*t, sep, return_lse=True), (q, k, v))
+    qd, kd, vd = leaves(*make_qkv(2, 3, 8, 2, 1, 4))
+    assert torch.autograd.gradcheck(lambda *t: ops.mixed_mask_attention(*t, torch.tensor([2, 0])), (qd, kd, vd))
+    qp, kp, vp, cu_q, cu_k = make_packed([3, 0, 4], [5, 1, 4], 2, 2, 3)
+    packed = leaves(qp, kp, vp)
+    layout = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, return_lse=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.mixed_mask_attention(*t, torch.tensor([1, 1, 4]), **layout), packed)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_deterministic_across_runs_and_thread_counts():
+    # 2 samples x 2 kv heads: the fused backward whatever the thread count (up to 4).
+    q, k, v = make_qkv(2, 300, 300, 6, 2, 32, dtype=torch.float32)
+    sep = torch.tensor([100, 250])
+    out, lse = OP(q, k, v, sep, None, None, 0, 0, 0.2)
+    grad = torch.randn_like(out)
+    results = []
+    for n in (1, 2, 2):
+        with num_threads(n):
+            forward = OP(q, k, v, sep, None, None, 0, 0, 0.2)
+            results.append(forward + BACKWARD_OP(grad, None, q, k, v, out, lse, sep, None, None, 0, 0, 0.2))
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_both_backward_paths(threads):
+    # One (sample, kv head) pair: the fused backward with one thread, the two-pass one with two.
+    q, k, v = make_qkv(1, 150, 150, 3, 1, 20)
+    with num_threads(threads):
+        assert_close_to_reference(q, k, v, torch.tensor([77]))
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck(layout, dtype):
+    if layout == "padded":
+        q, k, v = (t.to(dtype) for t in make_qkv(2, 9, 11, 4, 2, 8))
+        sep = torch.tensor([3, 11], dtype=torch.int32)
+        extra = (None, None, 0, 0, 0.3)
+    else:
+        q, k, v, cu_q, cu_k = make_packed([4, 7], [6, 7], 4, 2, 8, dtype=dtype)
+        sep = torch.tensor([2, 7], dtype=torch.int32)
+        extra = (cu_q, cu_k, 7, 7, 0.3)
+    torch.library.opcheck(OP, leaves(q, k, v) + [sep, *extra])
+    out, lse = OP(q, k, v, sep, *extra)
+    grad_out = torch.randn_like(out)
+    # No double backward: the backward op is checked without gradients.
+    torch.library.opcheck(BACKWARD_OP, (grad_out, None, q, k, v, out, lse, sep, *extra))
+    torch.library.opcheck(BACKWARD_OP, (grad_out, torch.randn_like(lse), q, k, v, out, lse, sep, *extra))
+
+
+def test_double_backward_is_refused():
+    q, k, v = leaves(*make_qkv(1, 4, 4, 1, 1, 8))
+    (grad_q,) = torch.autograd.grad(ops.mixed_mask_attention(q, k, v, torch.tensor([2])).sum(), q, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        grad_q.sum().backward()
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_torch_compile_fullgraph_forward_and_backward(layout):
+    if layout == "padded":
+        q, k, v = make_qkv(2, 13, 13, 4, 2, 8, dtype=torch.float32)
+        kwargs = {}
+        sep = torch.tensor([5, 13])
+    else:
+        q, k, v, cu_q, cu_k = make_packed([6, 7], [6, 7], 4, 2, 8, dtype=torch.float32)
+        kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+        sep = torch.tensor([2, 7])
+    inputs = leaves(q, k, v)
+
+    def loss(q, k, v):
+        out, lse = ops.mixed_mask_attention(q, k, v, sep, return_lse=True, **kwargs)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(*inputs), inputs)
+    want = torch.autograd.grad(loss(*inputs), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties over random shapes and seps
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_property_padded_random_shapes(data):
+    batch = data.draw(st.integers(1, 3))
+    seq_k = data.draw(st.integers(1, 90))
+    seq_q = data.draw(st.integers(1, seq_k))
+    heads_kv, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    dim = data.draw(st.integers(1, 40))
+    sep = torch.tensor(data.draw(st.lists(st.integers(0, seq_k), min_size=batch, max_size=batch)))
+    q, k, v = make_qkv(batch, seq_q, seq_k, heads_kv * group, heads_kv, dim)
+    assert_close_to_reference(q, k, v, sep)
+
+
+@settings(max_examples=30, deadline=None)
+@given(samples=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70), st.floats(0, 1)), min_size=1, max_size=4))
+def test_property_packed_random_samples(samples):
+    lengths_k = [max(a, b) for a, b, _ in samples]
+    lengths_q = [min(a, b) for a, b, _ in samples]
+    sep = torch.tensor([int(f * n) for (_, _, f), n in zip(samples, lengths_k)])
+    q, k, v, cu_q, cu_k = make_packed(lengths_q, lengths_k, 2, 1, 6)
+    assert_close_to_reference(q, k, v, sep, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory linear in the sequence length, and every instruction-set path of the CPU kernel
+
+
+def run_python(code: str, **env) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_memory_never_grows_with_seq_squared():
+    # In a fresh process: the growth of the peak resident set over one forward and one backward at
+    # seq 4096 (one head: a seq x seq float32 buffer would be 64 MiB).
+    out = run_python(
+        """
+        import torch
+        from glm_ext import ops
+        def status(key):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+        def peak(): return status("VmHWM")
+        def reset():  # the peak back to the current resident set, where Linux allows it
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                return status("VmRSS")
+            except OSError:
+                return peak()
+        seq, dim = 4096, 64
+        for _ in range(2):  # warm-up: one-time allocations of the autograd engine, thread pools
+            warm = [torch.randn(1, 64, 1, dim, requires_grad=True) for _ in range(3)]
+            ops.mixed_mask_attention(*warm, torch.tensor([32])).backward(torch.randn(1, 64, 1, dim))
+        q, k, v = (torch.randn(1, seq, 1, dim, requires_grad=True) for _ in range(3))
+        sep = torch.tensor([seq // 2])
+        grad = torch.randn(1, seq, 1, dim)
+        before = reset()
+        out = ops.mixed_mask_attention(q, k, v, sep)
+        forward = peak() - before
+        before = reset()
+        out.backward(grad)
+        print(forward, peak() - before)
+        """
+    )
+    forward, backward = (int(x) for x in out.split())
+    square = 4096 * 4096 * 4
+    # Measured: about 3 MiB forward (out, lse, per-thread key/value copies), 4 MiB backward (two
+    # passes; the fused backward of one thread keeps about 9 float32 copies of a head: 9 MiB).
+    assert forward < square / 8, f"the forward raised the peak memory by {forward / 2**20:.1f} MiB"
+    assert backward < square / 4, f"the backward raised the peak memory by {backward / 2**20:.1f} MiB"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction-set paths")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_narrower_instruction_set_paths(capability):
+    # ATen's ATEN_CPU_CAPABILITY also caps the kernel's instruction set: baseline SSE2 and AVX2.
+    out = run_python(
+        """
+        import torch
+        from glm_ext import ops, reference
+        torch.manual_seed(0)
+        worst = 0.0
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+            q, k, v = (torch.randn(2, 150, 2, d, dtype=dtype, requires_grad=True) for d in (40, 40, 40))
+            sep = torch.tensor([70, 0])
+            out = ops.mixed_mask_attention(q, k, v, sep)
+            ref = reference.mixed_mask_attention(*(t.double() for t in (q, k, v)), sep)
+            grad = torch.randn_like(ref)
+            got = torch.autograd.grad(out, (q, k, v), grad.to(dtype))
+            want = torch.autograd.grad(ref, (q, k, v), grad)
+            errors = [(out.double() - ref).abs().max().item()]
+            errors += [(g.double() - w.double()).abs().max().item() for g, w in zip(got, want)]
+            worst = max(worst, max(errors) / tol)
+        print(worst)
+        """,
+        ATEN_CPU_CAPABILITY=capability,
+    )
+    assert float(out) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def bad_padded_cases():
+    gen = torch.Generator().manual_seed(0)  # collected before the seeding fixture runs
+    q = torch.randn(2, 5, 4, 8, generator=gen)
+    k = torch.randn(2, 6, 2, 8, generator=gen)
+    sep = torch.tensor([1, 6], dtype=torch.int32)
+    p = lambda **kw: {**dict(q=q, k=k, v=k.clone(), sep=sep), **kw}  # noqa: E731
+    return [
+        (p(q=q.int()), TypeError, "q must be float32, float16, bfloat16 or float64"),
+        (p(k=k.half()), TypeError, r"k must have the dtype of q \(Float\)"),
+        (p(q=q[0]), ValueError, r"q must be \[batch, seq, heads, head_dim\] \(padded"),
+        (p(v=k[:, :5]), ValueError, "v must have the shape of k"),
+        (p(k=k[..., :7], v=k[..., :7]), ValueError, r"k must have the head_dim of q \(8\)"),
+        (p(q=torch.randn(2, 5, 4, 300), k=torch.randn(2, 6, 2, 300), v=torch.randn(2, 6, 2, 300)), ValueError,
+         r"head_dim must lie in \[1, 256\]"),
+        (p(q=q[:, :, :3]), ValueError, r"heads of q \(3\) must be a positive multiple of the heads of k and v \(2\)"),
+        (p(sep=sep.float()), TypeError, "sep must be int32 or int64"),
+        (p(sep=sep[:1]), ValueError, r"sep must have shape \[batch\] = \[2\]"),
+        (p(sep=torch.tensor([1, 7])), ValueError, r"sep must lie in \[0, seq_k = 6\], got sep\[1\] = 7"),
+        (p(sep=torch.tensor([-1, 2])), ValueError, r"sep must lie in \[0, seq_k = 6\], got sep\[0\] = -1"),
+        (p(q=torch.randn(2, 7, 4, 8)), ValueError, r"seq_q \(7\) must not exceed seq_k \(6\)"),
+        (p(k=k[:1], v=k[:1]), ValueError, r"k must have the batch size of q \(2\)"),
+        (p(k=k.to("meta")), ValueError, r"k must be on the device of q \(cpu\), got meta"),
+        (p(sep=sep.to("meta")), ValueError, r"sep must be on the device of q \(cpu\), got meta"),
+    ]
+
+
+@pytest.mark.parametrize("kwargs, error, match", bad_padded_cases())
+def test_bad_input_gets_clear_error(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ops.mixed_mask_attention(kwargs["q"], kwargs["k"], kwargs["v"], kwargs["sep"])
+
+
+def test_non_finite_softmax_scale():
+    q, k, v = make_qkv(1, 4, 4, 1, 1, 8)
+    with pytest.raises(ValueError, match="softmax_scale must be finite"):
+        ops.mixed_mask_attention(q, k, v, torch.tensor([1]), softmax_scale=float("nan"))
+
+
+@pytest.mark.parametrize(
+    "lengths_q, lengths_k, cu_q, sep, extra, error, match",
+    [
+        ([3, 4], [3, 4], None, [1, 2], {}, TypeError, "cu_seqlens_q must be int32"),
+        ([3, 4], [3, 4], [0, 3, 7, 7], [1, 2], {}, ValueError,
+         r"cu_seqlens_q must have shape \[n \+ 1\] with n = sep.numel\(\) = 2"),
+        ([3, 4], [3, 4], [0, 4, 3], [1, 2], {}, ValueError,
+         r"cu_seqlens_q must start at 0, never decrease and end at the number of tokens \(7\), got \[0, 4, 3\]"),
+        ([3, 4], [3, 4], [1, 3, 7], [1, 2], {}, ValueError, "cu_seqlens_q must start at 0"),
+        ([5, 2], [3, 4], None, [1, 2], {}, ValueError, r"sample 0 has more queries \(5\) than keys \(3\)"),
+        ([3, 4], [3, 4], None, [1, 5], {}, ValueError,
+         r"sep must lie in \[0, L\] with L the length of its sample, got sep\[1\] = 5"),
+        ([3, 4], [3, 4], None, [1, 2], dict(max_seqlen_q=3, max_seqlen_k=4), ValueError, "more than max_seqlen_q = 3"),
+        ([3, 4], [3, 4], None, [1, 2], dict(max_seqlen_q=-1, max_seqlen_k=4), ValueError, "must be >= 0"),
+    ],
+)
+def test_bad_packed_input(lengths_q, lengths_k, cu_q, sep, extra, error, match):
+    q, k, v, cu_q_ok, cu_k = make_packed(lengths_q, lengths_k, 2, 2, 4)
+    if cu_q is None:
+        cu = cu_q_ok if error is not TypeError else cu_q_ok.long()
+    else:
+        cu = torch.tensor(cu_q, dtype=torch.int32)
+    with pytest.raises(error, match=match):
+        ops.mixed_mask_attention(q, k, v, torch.tensor(sep), cu_seqlens_q=cu, cu_seqlens_k=cu_k, **extra)
+
+
+def test_bad_layout_combinations():
+    q, k, v, cu_q, cu_k = make_packed([3], [3], 2, 2, 4)
+    with pytest.raises(ValueError, match="pass both cu_seqlens_q and cu_seqlens_k"):
+        ops.mixed_mask_attention(q, k, v, torch.tensor([1]), cu_seqlens_q=cu_q)
+    with pytest.raises(ValueError, match="pass both cu_seqlens_q and cu_seqlens_k"):
+        OP(q, k, v, torch.tensor([1]), cu_q, None, 3, 3, 0.5)
+    with pytest.raises(ValueError, match=r"q must be \[total, heads, head_dim\] \(packed"):
+        ops.mixed_mask_attention(q[None], k, v, torch.tensor([1]), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+
+
+def test_backward_bad_input():
+    q, k, v = make_qkv(2, 5, 5, 2, 2, 4, dtype=torch.float32)
+    sep = torch.tensor([1, 2])
+    out, lse = OP(q, k, v, sep, None, None, 0, 0, 0.5)
+    args = lambda **kw: {**dict(grad_out=out, grad_lse=None, q=q, k=k, v=v, out=out, lse=lse), **kw}  # noqa: E731
+    cases = [
+        (args(lse=lse.double()), TypeError, "lse must be Float for Float inputs"),
+        (args(lse=lse[:, :, :4]), ValueError, r"lse must have shape \[2, 2, 5\]"),
+        (args(grad_out=out[:, :4]), ValueError, "grad_out must have the shape of q"),
+        (args(out=out.double()), TypeError, "out must have the dtype of q"),
+        (args(grad_lse=lse[0]), ValueError, "grad_lse must have the shape of lse"),
+    ]
+    for a, error, match in cases:
+        with pytest.raises(error, match=match):
+            BACKWARD_OP(
+                a["grad_out"], a["grad_lse"], a["q"], a["k"], a["v"], a["out"], a["lse"], sep, None, None, 0, 0, 0.5
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA (run once a CUDA kernel of the op is registered; the kernel may support fewer head dims)
+
+
+def cuda_kernel_registered() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("glm_ext::mixed_mask_attention", "CUDA")
+
+
+cuda_kernel = pytest.mark.skipif(not cuda_kernel_registered(), reason="no CUDA kernel of mixed_mask_attention yet")
+
+
+@pytest.mark.cuda
+@cuda_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("layout", ["padded", "decode", "packed"])
+def test_cuda_within_pytorch_error(dtype, dim, layout):
+    if layout == "packed":
+        q, k, v, cu_q, cu_k = make_packed([300, 1, 0, 129], [300, 1, 0, 129], 6, 2, dim, dtype=torch.float32)
+        sep = torch.tensor([150, 1, 0, 0], dtype=torch.int32)
+        kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    else:
+        seq_q = 300 if layout == "padded" else 7
+        q, k, v = make_qkv(2, seq_q, 300, 6, 2, dim, dtype=torch.float32)
+        sep = torch.tensor([0, 170], dtype=torch.int32)
+        kwargs = {}
+    low = [t.to(dtype) for t in (q, k, v)]
+    exact_in = leaves(*(t.double() for t in low))
+    exact, exact_lse = reference.mixed_mask_attention(*exact_in, sep, return_lse=True, **kwargs)
+    pytorch_in = leaves(*low)
+    pytorch = sdpa_math(*pytorch_in, sep, **kwargs)
+    cuda_in = leaves(*(t.cuda() for t in low))
+    cuda_kwargs = {name: t.cuda() for name, t in kwargs.items()}
+    ours, lse = ops.mixed_mask_attention(*cuda_in, sep.cuda(), return_lse=True, **cuda_kwargs)
+    assert_within_pytorch_error(ours.detach().cpu(), pytorch.detach(), exact.detach())
+    torch.testing.assert_close(lse.cpu().double(), exact_lse.detach(), rtol=1e-3, atol=1e-3)
+    grad = torch.randn_like(exact).to(dtype)
+    for o, p, e in zip(
+        torch.autograd.grad(ours, cuda_in, grad.cuda()),
+        torch.autograd.grad(pytorch, pytorch_in, grad),
+        torch.autograd.grad(exact, exact_in, grad.double()),
+    ):
+        assert_within_pytorch_error(o.cpu(), p, e, factor=3.0)
+
+
+@pytest.mark.cuda
+@cuda_kernel
+def test_cuda_device_mismatch():
+    q, k, v = make_qkv(1, 4, 4, 1, 1, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(ValueError, match="sep must be on the device of q"):
+        ops.mixed_mask_attention(q, k, v, torch.tensor([1]))

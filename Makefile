@@ -1,5 +1,6 @@
-# Developer entry points. `make test` sets everything up on a fresh machine (a virtual environment,
-# torch, the extension build) and runs the test suite; CI runs exactly that.
+# Developer entry points. `make demo` and `make test` set everything up on a fresh machine (a virtual
+# environment, torch, the extension build), then run the end-to-end demo or the test suite; CI runs
+# `make test`.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 # pip's local-index configuration on these machines warns about every missing mirror folder.
 QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: deps install test cmake-build bench gpu-check clean
+.PHONY: deps install test demo cmake-build bench gpu-check clean
 
 deps: $(VENV)/.deps-installed
 
@@ -24,6 +25,11 @@ install: deps
 
 test: install
 	$(PY) -m pytest python_tests
+
+# End to end on the CPU in a few minutes: train a tiny GLM on Python's help() topics, then fill
+# blanks (everything goes to ./glm-demo; a second run reuses it).
+demo: install
+	$(PY) -m glm_ext demo
 
 # The same extension through CMake (compile_commands.json for IDEs and C++ tooling).
 cmake-build: deps

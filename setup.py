@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -68,11 +69,23 @@ def cuda_wheel_include_dirs() -> list[str]:
     return sorted(str(p) for base in nvidia.__path__ for p in Path(base).glob("*/include") if p.is_dir())
 
 
+def use_openmp() -> bool:
+    # ATen's at::parallel_for is header code: compiled without -fopenmp it silently runs every
+    # CPU kernel on one thread. The runtime is torch's own libgomp (same soname, already loaded).
+    import torch
+
+    return sys.platform.startswith("linux") and torch.backends.openmp.is_available()
+
+
 def make_extension():
     with_cuda = want_cuda()
     version = read_version()
     define_macros = [("GLM_EXT_VERSION", f'"{version}"')]
     cxx_flags = ["-O3", "-std=c++20"]
+    link_flags = []
+    if use_openmp():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -88,6 +101,7 @@ def make_extension():
         sources=source_files(with_cuda),
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
         **kwargs,
     )
 

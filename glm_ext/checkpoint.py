@@ -117,7 +117,8 @@ def _model_from_state(state: StateDict, config: GLMConfig, model_options: Mappin
 # Atomic file system helpers
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flushes a file or directory entry to disk (directories: so that a rename survives a crash)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -161,11 +162,11 @@ def _swap_in(staging: Path, target: Path) -> None:
         retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(target, retired)
         os.rename(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
         shutil.rmtree(retired)
     else:
         os.rename(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def save_checkpoint(
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
         for path in (staging / WEIGHTS_FILE, staging / CONFIG_FILE, staging):
-            _fsync_path(path)
+            fsync_path(path)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -345,7 +346,7 @@ def save_authors_checkpoint(model: GLMModel, path: str | os.PathLike) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(staging, target)
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         Path(staging).unlink(missing_ok=True)
         raise

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from glm_ext.checkpoint import load_checkpoint, save_checkpoint
+from glm_ext.checkpoint import fsync_path, load_checkpoint, save_checkpoint
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
 from glm_ext.model import GLMConfig, GLMModel, lm_loss
 from glm_ext.tokenizer import GLMTokenizer
@@ -195,14 +195,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return path
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
     """Writes ``path`` through a temporary sibling that replaces it once complete and synced."""
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -212,7 +204,7 @@ def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "w")
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
@@ -438,7 +430,7 @@ class Trainer:
         try:
             save_checkpoint(self.model, staging / MODEL_DIR)
             _write_atomically(staging / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
-            _fsync(staging)
+            fsync_path(staging)
             target = root / name
             if target.exists():  # saving the same step again: replace the old copy
                 retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -447,7 +439,7 @@ class Trainer:
                 shutil.rmtree(retired)
             else:
                 os.rename(staging, target)
-            _fsync(root)
+            fsync_path(root)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -456,7 +448,8 @@ class Trainer:
         return target
 
     def _write_run_files(self) -> None:
-        _write_atomically(self.output_dir / CONFIG_FILE, lambda f: f.write(json.dumps(self.config.to_dict(), indent=2) + "\n"))
+        config_text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        _write_atomically(self.output_dir / CONFIG_FILE, lambda f: f.write(config_text))
         tokenizer_copy = self.output_dir / TOKENIZER_FILE
         if not tokenizer_copy.exists() or not tokenizer_copy.samefile(self.config.tokenizer):
             text = Path(self.config.tokenizer).read_text(encoding="utf-8")
@@ -476,7 +469,9 @@ class Trainer:
             return False
         saved = load_checkpoint(path / MODEL_DIR)
         if saved.config != self.model.config:
-            raise ValueError(f"cannot resume: {path} holds a model of {saved.config}, this run builds {self.model.config}")
+            raise ValueError(
+                f"cannot resume: {path} holds a model of {saved.config}, this run builds {self.model.config}"
+            )
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
         self.load_state_dict(state)
         with torch.no_grad():

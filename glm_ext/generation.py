@@ -263,7 +263,9 @@ def fill_blanks(
     special = tokenizer.special_ids
     bad = [i for i in context if not 0 <= i < tokenizer.vocab_size]
     if bad:
-        raise ValueError(f"the context holds ids outside the tokenizer's vocabulary of {tokenizer.vocab_size}: {bad[:5]}")
+        raise ValueError(
+            f"the context holds ids outside the tokenizer's vocabulary of {tokenizer.vocab_size}: {bad[:5]}"
+        )
     if len(context) > config.max_sequence_length:
         raise ValueError(
             f"the context is {len(context)} tokens long ([CLS] and <eos> included), longer than the "

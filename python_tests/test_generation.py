@@ -62,7 +62,8 @@ def context_ids(tokenizer, *pieces):
     """Ids of text pieces and mask roles (``"mask"``, ``"smask"``, ``"gmask"``), without [CLS]/<eos>."""
     ids = []
     for piece in pieces:
-        ids += [getattr(tokenizer.special_ids, piece)] if piece in ("mask", "smask", "gmask") else tokenizer.encode(piece)
+        is_mask = piece in ("mask", "smask", "gmask")
+        ids += [getattr(tokenizer.special_ids, piece)] if is_mask else tokenizer.encode(piece)
     return ids
 
 
@@ -108,7 +109,8 @@ def test_positions_and_block_positions_follow_the_spec(tokenizer, use_cache):
     n = len(context)
     p1, p2 = mask_positions(context, tokenizer.special_ids)
     lengths = {p1: 3, p2: 1}  # tokens generated per blank before the forced <eop>
-    force = lambda position, block: tokenizer.special_ids.eop if block == lengths.get(position, -9) + 1 else None  # noqa: E731
+    eop = tokenizer.special_ids.eop
+    force = lambda position, block: eop if block == lengths.get(position, -9) + 1 else None  # noqa: E731
     spy = Spy(random_model(tokenizer), force)
     result = fill_blanks(spy, tokenizer, ids, max_new_tokens=8, use_cache=use_cache)
 
@@ -196,7 +198,8 @@ def test_encode_context(tokenizer):
     assert ids == [special.cls, *context_ids(tokenizer, "Use", "mask", " here."), special.eos]
     a, b = tokenizer.encode(" here")[0], tokenizer.encode(".")[0]
     assert encode_context(tokenizer, [special.cls, a, special.mask]) == [special.cls, a, special.mask]
-    assert encode_context(tokenizer, torch.tensor([a, special.mask, b])) == [special.cls, a, special.mask, b, special.eos]
+    with_eos = [special.cls, a, special.mask, b, special.eos]
+    assert encode_context(tokenizer, torch.tensor([a, special.mask, b])) == with_eos
     assert encode_context(tokenizer, [a, special.mask, b], add_eos=False) == [special.cls, a, special.mask, b]
     assert encode_context(tokenizer, [a, special.mask, special.eos]) == [special.cls, a, special.mask, special.eos]
 

@@ -137,7 +137,8 @@ def test_checkpoints_are_atomic(data, tmp_path, monkeypatch):
 
 
 def test_old_checkpoints_are_pruned(data, tmp_path):
-    Trainer(small_config(data, tmp_path, steps=6, save_every=2, keep_checkpoints=2), log=quiet).fit(evaluate_first=False)
+    trainer = Trainer(small_config(data, tmp_path, steps=6, save_every=2, keep_checkpoints=2), log=quiet)
+    trainer.fit(evaluate_first=False)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     assert latest_checkpoint(tmp_path).name == "step-00000006"
 

@@ -28,7 +28,7 @@ import pickle
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,21 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_atomically(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
+    """Writes ``path`` through a temporary sibling that replaces it once complete and synced."""
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, path)
+        fsync_path(path.parent)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
@@ -339,15 +354,6 @@ def save_authors_checkpoint(model: GLMModel, path: str | os.PathLike) -> Path:
     if target.is_dir():
         target = target / AUTHORS_WEIGHTS_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"module": export_authors_state_dict(model)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(staging, target)
-        fsync_path(target.parent)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    state = {"module": export_authors_state_dict(model)}
+    write_file_atomically(target, lambda f: torch.save(state, f), mode="wb")
     return target

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from glm_ext.checkpoint import fsync_path, load_checkpoint, save_checkpoint
+from glm_ext.checkpoint import fsync_path, load_checkpoint, save_checkpoint, write_file_atomically
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
 from glm_ext.model import GLMConfig, GLMModel, lm_loss
 from glm_ext.tokenizer import GLMTokenizer
@@ -193,21 +193,6 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
     return path
-
-
-def _write_atomically(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes ``path`` through a temporary sibling that replaces it once complete and synced."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-        fsync_path(path.parent)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +414,7 @@ class Trainer:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
         try:
             save_checkpoint(self.model, staging / MODEL_DIR)
-            _write_atomically(staging / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
+            write_file_atomically(staging / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
             fsync_path(staging)
             target = root / name
             if target.exists():  # saving the same step again: replace the old copy
@@ -443,17 +428,17 @@ class Trainer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _write_atomically(self.output_dir / LATEST_FILE, lambda f: f.write(name + "\n"))
+        write_file_atomically(self.output_dir / LATEST_FILE, lambda f: f.write(name + "\n"))
         self._prune(root, keep=name)
         return target
 
     def _write_run_files(self) -> None:
         config_text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        _write_atomically(self.output_dir / CONFIG_FILE, lambda f: f.write(config_text))
+        write_file_atomically(self.output_dir / CONFIG_FILE, lambda f: f.write(config_text))
         tokenizer_copy = self.output_dir / TOKENIZER_FILE
         if not tokenizer_copy.exists() or not tokenizer_copy.samefile(self.config.tokenizer):
             text = Path(self.config.tokenizer).read_text(encoding="utf-8")
-            _write_atomically(tokenizer_copy, lambda f: f.write(text))
+            write_file_atomically(tokenizer_copy, lambda f: f.write(text))
 
     def _prune(self, root: Path, keep: str) -> None:
         steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))

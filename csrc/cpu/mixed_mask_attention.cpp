@@ -539,6 +539,17 @@ int64_t grain_size(int64_t items, int64_t work) {
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// Converts key/value head kv_head of sample si (a no-op when the copies already hold it).
+template <typename T, typename scalar_t>
+void load_kv_head(const MixedMaskAttentionArgs& a, const MixedMaskSample& s, int64_t si,
+                  int64_t kv_head, const scalar_t* k, const scalar_t* v, HeadCopy<T>& k_copy,
+                  HeadCopy<T>& v_copy) {
+  k_copy.load(si, kv_head, k + attention_offset(a.k_layout, s, s.k_start, 0, kv_head),
+              a.k_layout.token, s.len_k);
+  v_copy.load(si, kv_head, v + attention_offset(a.v_layout, s, s.k_start, 0, kv_head),
+              a.v_layout.token, s.len_k);
+}
+
 template <typename scalar_t>
 void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMaskSample>& samples,
                     at::Tensor& out, at::Tensor& lse) {
@@ -570,10 +581,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
       const MixedMaskSample& s = samples[si];
       const int64_t kv_head = h / group, q0 = block * kTile;
       const int64_t rows = std::min(kTile, s.len_q - q0);
-      k_copy.load(si, kv_head, k + attention_offset(a.k_layout, s, s.k_start, 0, kv_head),
-                  a.k_layout.token, s.len_k);
-      v_copy.load(si, kv_head, v + attention_offset(a.v_layout, s, s.k_start, 0, kv_head),
-                  a.v_layout.token, s.len_k);
+      load_kv_head(a, s, si, kv_head, k, v, k_copy, v_copy);
       load_rows(q + attention_offset(a.q_layout, s, s.q_start, q0, h), a.q_layout.token, rows, dim,
                 qbuf, dp);
       for (int64_t i = 0; i < rows; ++i) {
@@ -688,10 +696,7 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
       for (int64_t index = begin; index < end; ++index) {
         const int64_t si = index / a.heads_kv, kv_head = index % a.heads_kv;
         const MixedMaskSample& s = samples[si];
-        k_copy.load(si, kv_head, k + attention_offset(a.k_layout, s, s.k_start, 0, kv_head),
-                    a.k_layout.token, s.len_k);
-        v_copy.load(si, kv_head, v + attention_offset(a.v_layout, s, s.k_start, 0, kv_head),
-                    a.v_layout.token, s.len_k);
+        load_kv_head(a, s, si, kv_head, k, v, k_copy, v_copy);
         dk.assign(s.len_k * dp, T(0));
         dv.assign(s.len_k * dp, T(0));
         for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
@@ -819,10 +824,7 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
       const MixedMaskSample& s = samples[si];
       const int64_t kv_head = h / group, q0 = block * kTile;
       const int64_t rows = std::min(kTile, s.len_q - q0);
-      k_copy.load(si, kv_head, k + attention_offset(a.k_layout, s, s.k_start, 0, kv_head),
-                  a.k_layout.token, s.len_k);
-      v_copy.load(si, kv_head, v + attention_offset(a.v_layout, s, s.k_start, 0, kv_head),
-                  a.v_layout.token, s.len_k);
+      load_kv_head(a, s, si, kv_head, k, v, k_copy, v_copy);
       load_rows(q + attention_offset(a.q_layout, s, s.q_start, q0, h), a.q_layout.token, rows, dim,
                 qbuf, dp);
       load_rows(go + attention_offset(b.grad_out_layout, s, s.q_start, q0, h),

@@ -32,7 +32,10 @@ def test_build_info_describes_this_build():
 
 
 def test_every_op_has_cpu_kernels_registered():
-    for op in ("embedding_2d", "embedding_2d_backward", "rotary_2d", "rotary_2d_backward"):
+    for op in (
+        "embedding_2d", "embedding_2d_backward", "rotary_2d", "rotary_2d_backward", "span_shuffle_batch",
+        "mixed_mask_attention", "mixed_mask_attention_backward",
+    ):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"glm_ext::{op}", "CPU"), op
         if glm_ext.build_info()["cuda"]:
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"glm_ext::{op}", "CUDA"), op

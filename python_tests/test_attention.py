@@ -11,40 +11,16 @@ import textwrap
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import LOW_PRECISION, assert_within_pytorch_error, max_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attention_testing import attention_in_dtype, leaves, make_packed, make_qkv, sdpa_math
 from glm_ext import ops, reference
 
 OP = torch.ops.glm_ext.mixed_mask_attention.default
 BACKWARD_OP = torch.ops.glm_ext.mixed_mask_attention_backward.default
 HEADS = [(2, 2), (6, 2), (4, 1)]  # (heads_q, heads_kv): multi-head, grouped-query, multi-query
-
-
-def make_qkv(batch, seq_q, seq_k, heads_q, heads_kv, dim, dtype=torch.float64, device="cpu"):
-    q = torch.randn(batch, seq_q, heads_q, dim, dtype=dtype, device=device)
-    k = torch.randn(batch, seq_k, heads_kv, dim, dtype=dtype, device=device)
-    v = torch.randn(batch, seq_k, heads_kv, dim, dtype=dtype, device=device)
-    return q, k, v
-
-
-def cu_seqlens(lengths, device="cpu"):
-    offsets = [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()]
-    return torch.tensor(offsets, dtype=torch.int32, device=device)
-
-
-def make_packed(lengths_q, lengths_k, heads_q, heads_kv, dim, dtype=torch.float64):
-    q = torch.randn(sum(lengths_q), heads_q, dim, dtype=dtype)
-    k = torch.randn(sum(lengths_k), heads_kv, dim, dtype=dtype)
-    v = torch.randn(sum(lengths_k), heads_kv, dim, dtype=dtype)
-    return q, k, v, cu_seqlens(lengths_q), cu_seqlens(lengths_k)
-
-
-def leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
 
 
 def assert_close_to_reference(q, k, v, sep, rtol=1e-10, atol=1e-10, **layout):
@@ -61,25 +37,6 @@ def assert_close_to_reference(q, k, v, sep, rtol=1e-10, atol=1e-10, **layout):
     for g, w, t in zip(got, want, ref_in):
         w = torch.zeros_like(t) if w is None else w
         torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
-
-
-def sdpa_math(q, k, v, sep, cu_seqlens_q=None, cu_seqlens_k=None):
-    """PyTorch's own attention in q's dtype: SDPA's math backend with the dense mixed mask (one
-    sample at a time in the packed layout)."""
-    if cu_seqlens_q is not None:
-        pieces = []
-        for i in range(len(sep)):
-            qs = slice(int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1]))
-            ks = slice(int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1]))
-            if qs.stop > qs.start:
-                pieces.append(sdpa_math(q[None, qs], k[None, ks], v[None, ks], sep[i : i + 1])[0])
-        return torch.cat(pieces)
-    mask = reference.mixed_mask(sep, q.shape[1], k.shape[1])[:, None]
-    with sdpa_kernel(SDPBackend.MATH):
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
-        )
-    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +386,8 @@ def test_narrower_instruction_set_paths(capability):
     out = run_python(
         """
         import torch
-        from glm_ext import ops, reference
+        from attention_testing import cu_seqlens, leaves, make_packed, make_qkv, sdpa_math
+from glm_ext import ops, reference
         torch.manual_seed(0)
         worst = 0.0
         for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
@@ -564,14 +522,15 @@ def to_cuda(tensors):
 
 def assert_cuda_within_pytorch_error(q, k, v, sep, dtype, **layout):
     """Flash-attention's rule on CUDA: output error at most 2x, gradient errors at most 3x, that of
-    SDPA's math backend in the same dtype on the same device, both against the float64 reference
-    of the same rounded inputs. The lse is checked against the reference directly."""
+    the same attention written in PyTorch ops in the same dtype on the same device (nothing upcast,
+    as the kernel rounds P and dS), both against the float64 reference of the same rounded inputs.
+    The lse is checked against the reference directly."""
     low = [t.to(dtype) for t in (q, k, v)]
     exact_in = leaves(*(t.double() for t in low))
     exact, exact_lse = reference.mixed_mask_attention(*exact_in, sep, return_lse=True, **layout)
     cuda_layout = to_cuda(layout)
     pytorch_in = leaves(*(t.cuda() for t in low))
-    pytorch = sdpa_math(*pytorch_in, sep.cuda(), **cuda_layout)
+    pytorch = attention_in_dtype(*pytorch_in, sep.cuda(), **cuda_layout)
     ours_in = leaves(*(t.cuda() for t in low))
     ours, lse = ops.mixed_mask_attention(*ours_in, sep.cuda(), return_lse=True, **cuda_layout)
     assert ours.dtype == dtype and lse.dtype == torch.float32

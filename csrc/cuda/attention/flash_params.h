@@ -70,6 +70,29 @@ __host__ __device__ inline bool resolve_sample(const ForwardParams& p, int s, Sa
   return sample.len_q <= sample.len_k && sample.sep >= 0 && sample.sep <= sample.len_k;
 }
 
+// A block of kBlockM query rows of one head of one sample and the key tiles of kBlockN keys it
+// walks (the forward and dQ kernels; blockIdx = (query block, query head, sample), the longest
+// key walks first). resolve() is false when the block has nothing to do.
+struct QueryBlock {
+  Sample sample;
+  int m0, rows, head, kv_head;
+  int unmasked_end;  // keys every row of the block sees: tiles below it need no mask
+  int num_tiles;     // key tiles up to the last key any row sees
+
+  template <int kBlockM, int kBlockN>
+  __device__ bool resolve(const ForwardParams& p) {
+    if (!resolve_sample(p, blockIdx.z, sample)) return false;
+    m0 = (gridDim.x - 1 - blockIdx.x) * kBlockM;
+    if (m0 >= sample.len_q) return false;
+    rows = min(kBlockM, sample.len_q - m0);
+    head = blockIdx.y;
+    kv_head = head / (p.heads_q / p.heads_kv);
+    unmasked_end = sample.visible_keys(m0);
+    num_tiles = (sample.visible_keys(m0 + rows - 1) + kBlockN - 1) / kBlockN;
+    return true;
+  }
+};
+
 // Element offset of token `row` of a sample, head `head`.
 __host__ __device__ inline int64_t offset_of(const Strides& strides, int64_t batch, int64_t token,
                                              int64_t head) {

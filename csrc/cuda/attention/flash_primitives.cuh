@@ -33,6 +33,60 @@ struct FragC {
   float x[4];
 };
 
+// The instructions the kernels use. When GLM_EXT_FLASH_EMULATION names a header, that header
+// provides them instead: a CPU emulation of their documented semantics (python_tests/
+// flash_emulator), so that the kernels' index logic is tested without a GPU.
+#ifdef GLM_EXT_FLASH_EMULATION
+#include GLM_EXT_FLASH_EMULATION
+#else
+__device__ __forceinline__ void mma_f16(FragC& d, const FragA& a, const FragB& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+
+__device__ __forceinline__ void mma_bf16(FragC& d, const FragA& a, const FragB& b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
+      : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
+}
+
+// Four 8 x 8 matrices of 16-bit elements; lane l gives the address of row l % 8 of matrix l / 8
+// and receives in r[i] the elements (l / 4, 2 (l % 4) and + 1) of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+}
+
+// The same with each matrix transposed: r[i] holds elements (2 (l % 4) and + 1, l / 4).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+}
+
+// 16 bytes from global to shared memory, asynchronously; zeros instead when !copy (src is then
+// not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool copy) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+               "l"(src), "r"(copy ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+#endif
+
 template <typename T>
 struct MmaTraits;
 
@@ -43,13 +97,7 @@ struct MmaTraits<__half> {
     return *reinterpret_cast<uint32_t*>(&h);
   }
   __device__ static float2 unpack(uint32_t pair) { return __half22float2(*reinterpret_cast<__half2*>(&pair)); }
-  __device__ static void mma(FragC& d, const FragA& a, const FragB& b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
-        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-  }
+  __device__ static void mma(FragC& d, const FragA& a, const FragB& b) { mma_f16(d, a, b); }
 };
 
 template <>
@@ -61,13 +109,7 @@ struct MmaTraits<__nv_bfloat16> {
   __device__ static float2 unpack(uint32_t pair) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&pair));
   }
-  __device__ static void mma(FragC& d, const FragA& a, const FragB& b) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d.x[0]), "+f"(d.x[1]), "+f"(d.x[2]), "+f"(d.x[3])
-        : "r"(a.x[0]), "r"(a.x[1]), "r"(a.x[2]), "r"(a.x[3]), "r"(b.x[0]), "r"(b.x[1]));
-  }
+  __device__ static void mma(FragC& d, const FragA& a, const FragB& b) { mma_bf16(d, a, b); }
 };
 
 // Two C tiles (columns 0-7 and 8-15 of a 16 x 16 block) rounded to T as one A operand.
@@ -79,10 +121,6 @@ __device__ __forceinline__ FragA to_operand_a(const FragC& left, const FragC& ri
   a.x[2] = MmaTraits<T>::pack(right.x[0], right.x[1]);
   a.x[3] = MmaTraits<T>::pack(right.x[2], right.x[3]);
   return a;
-}
-
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // A shared-memory tile of ROWS x D elements of T, swizzled as described above.
@@ -106,9 +144,7 @@ struct SmemTile {
       const int index = i * THREADS + static_cast<int>(threadIdx.x);
       const int row = index / kChunks, c = index % kChunks;
       const bool inside = row < valid_rows;
-      const T* from = inside ? src + row * row_stride + c * 8 : src;
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(chunk(row, c))),
-                   "l"(from), "r"(inside ? 16 : 0));
+      cp_async_16(chunk(row, c), inside ? src + row * row_stride + c * 8 : src, inside);
     }
   }
 
@@ -126,9 +162,7 @@ struct SmemTile {
   __device__ FragA operand_a(int row0, int col0) const {
     const int lane = threadIdx.x % 32;
     FragA a;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(a.x[0]), "=r"(a.x[1]), "=r"(a.x[2]), "=r"(a.x[3])
-                 : "r"(shared_address(chunk(row0 + lane % 16, col0 / 8 + lane / 16))));
+    ldmatrix_x4(a.x, chunk(row0 + lane % 16, col0 / 8 + lane / 16));
     return a;
   }
 
@@ -136,28 +170,98 @@ struct SmemTile {
   // tile[row0 + n][col0 + k], for rows [row0, row0 + 16) and columns [col0, col0 + 16).
   __device__ void operand_b_transposed(int row0, int col0, FragB& first, FragB& second) const {
     const int lane = threadIdx.x % 32;
-    const int row = row0 + lane % 8 + (lane / 16) * 8, c = col0 / 8 + (lane / 8) % 2;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(first.x[0]), "=r"(first.x[1]), "=r"(second.x[0]), "=r"(second.x[1])
-                 : "r"(shared_address(chunk(row, c))));
+    uint32_t r[4];
+    ldmatrix_x4(r, chunk(row0 + lane % 8 + (lane / 16) * 8, col0 / 8 + (lane / 8) % 2));
+    first = {r[0], r[1]};
+    second = {r[2], r[3]};
   }
 
   // Two B operands (n = 0-7 and 8-15) of the product with the tile as stored: B[k][n] =
   // tile[row0 + k][col0 + n], for rows [row0, row0 + 16) and columns [col0, col0 + 16).
   __device__ void operand_b(int row0, int col0, FragB& first, FragB& second) const {
     const int lane = threadIdx.x % 32;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(first.x[0]), "=r"(first.x[1]), "=r"(second.x[0]), "=r"(second.x[1])
-                 : "r"(shared_address(chunk(row0 + lane % 16, col0 / 8 + lane / 16))));
+    uint32_t r[4];
+    ldmatrix_x4_trans(r, chunk(row0 + lane % 16, col0 / 8 + lane / 16));
+    first = {r[0], r[1]};
+    second = {r[2], r[3]};
   }
 };
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Two stages of (K, V) tiles of ROWS keys for the kernels that walk key tiles (forward, dQ):
+// stage i holds K at base + 2 i Tile::kElements and V right after it (pointer arithmetic rather
+// than an array of tiles, which a run-time stage index would put in local memory).
+template <typename T, int ROWS, int D>
+struct KeyValueStages {
+  using Tile = SmemTile<T, ROWS, D>;
+  static constexpr int kElements = 4 * Tile::kElements;
+  T* base;
 
-// Waits until at most N of this thread's committed copy groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  __device__ Tile keys(int stage) const { return {base + 2 * stage * Tile::kElements}; }
+  __device__ Tile values(int stage) const { return {base + (2 * stage + 1) * Tile::kElements}; }
+
+  // Starts copying key tile `tile` of k and v (a sample's first key, len_k keys) into `stage`.
+  template <int THREADS>
+  __device__ void load_async(int tile, int stage, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
+                             int len_k) const {
+    const int n0 = tile * ROWS;
+    keys(stage).template load_async<THREADS>(k + n0 * k_stride, k_stride, len_k - n0);
+    values(stage).template load_async<THREADS>(v + n0 * v_stride, v_stride, len_k - n0);
+  }
+};
+
+// The warp-level products of the kernels; each warp computes 16 rows. `Tile`s are SmemTiles.
+//
+// out[16 x N] += A[16 x D] B^T with A the rows [a_row0, a_row0 + 16) of a_tile and B the N x D
+// rows of b_tile (scores: Q K^T, dO V^T, K Q^T, V dO^T).
+template <typename T, int N, int D, typename ATile, typename BTile>
+__device__ __forceinline__ void mma_rows_by_tile_transposed(FragC (&out)[N / 8], const ATile& a_tile, int a_row0,
+                                                            const BTile& b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const FragA a = a_tile.operand_a(a_row0, kk * 16);
+#pragma unroll
+    for (int t = 0; t < N / 8; t += 2) {
+      FragB b0, b1;
+      b_tile.operand_b_transposed(t * 8, kk * 16, b0, b1);
+      MmaTraits<T>::mma(out[t], a, b0);
+      MmaTraits<T>::mma(out[t + 1], a, b1);
+    }
+  }
+}
+
+// out[16 x D] += A[16 x K] B with A given as K / 8 C fragments (probabilities or score
+// gradients, rounded to T here) and B the K x D rows of b_tile (P V, P^T dO, dS^T Q, dS K).
+template <typename T, int K, int D, typename BTile>
+__device__ __forceinline__ void mma_fragments_by_tile(FragC (&out)[D / 8], const FragC (&a)[K / 8],
+                                                      const BTile& b_tile) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    const FragA a_frag = to_operand_a<T>(a[2 * kk], a[2 * kk + 1]);
+#pragma unroll
+    for (int t = 0; t < D / 8; t += 2) {
+      FragB b0, b1;
+      b_tile.operand_b(kk * 16, t * 8, b0, b1);
+      MmaTraits<T>::mma(out[t], a_frag, b0);
+      MmaTraits<T>::mma(out[t + 1], a_frag, b1);
+    }
+  }
+}
+
+// Writes a warp's 16 x D accumulator, row g times row_scale[0] and row g + 8 times row_scale[1]
+// (g = lane / 4), rounded to T into rows [row0, row0 + 16) of tile (the epilogues stage their
+// results in shared memory, then store whole rows with store_rows).
+template <typename T, int D, typename Tile>
+__device__ __forceinline__ void stage_rows(const Tile& tile, int row0, const FragC (&acc)[D / 8],
+                                           const float (&row_scale)[2]) {
+  const int lane = threadIdx.x % 32, g = lane / 4, c = lane % 4;
+#pragma unroll
+  for (int t = 0; t < D / 8; ++t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      *reinterpret_cast<uint32_t*>(tile.chunk(row0 + g + 8 * r, t) + 2 * c) =
+          MmaTraits<T>::pack(acc[t].x[2 * r] * row_scale[r], acc[t].x[2 * r + 1] * row_scale[r]);
+    }
+  }
 }
 
 // Reductions over the 4 lanes that share a row of a C fragment (lanes 4g .. 4g + 3).

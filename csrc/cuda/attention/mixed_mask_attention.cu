@@ -9,11 +9,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <limits>
 #include <tuple>
 
 #include "attention.h"
+#include "cuda/attention/flash_host.h"
 #include "cuda/attention/flash_kernels.h"
 #include "cuda/launch_utils.cuh"
 
@@ -22,10 +22,16 @@ namespace {
 
 using cuda::flash::BackwardParams;
 using cuda::flash::ForwardParams;
+using cuda::flash::length_bounds;
+using cuda::flash::set_gradients;
+using cuda::flash::set_outputs;
 using cuda::flash::Sample;
-using cuda::flash::Strides;
+using cuda::flash::with_aligned_rows;
 
 void check_cuda_support(const MixedMaskAttentionArgs& args) {
+  const auto* device = at::cuda::getDeviceProperties(args.q.device().index());
+  TORCH_CHECK_VALUE(device->major >= 8, "mixed_mask_attention: the CUDA kernel needs compute capability 8.0 or "
+                    "newer (Ampere), got ", device->major, ".", device->minor, " (", device->name, ")");
   const auto dtype = args.q.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kHalf || dtype == at::kBFloat16,
                    "mixed_mask_attention: the CUDA kernel takes float16 or bfloat16 q, k and v, got ", dtype);
@@ -38,49 +44,6 @@ void check_cuda_support(const MixedMaskAttentionArgs& args) {
   TORCH_CHECK_VALUE(args.seq_q <= std::numeric_limits<int32_t>::max() &&
                         args.seq_k <= std::numeric_limits<int32_t>::max(),
                     "mixed_mask_attention: sequences longer than 2^31 - 1 tokens are not supported");
-}
-
-// cp.async and the vector stores move 16-byte rows: copy a tensor whose rows are not aligned so.
-at::Tensor with_aligned_rows(const at::Tensor& t) {
-  bool aligned = cuda::is_aligned(t.const_data_ptr(), 16);
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) aligned = aligned && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
-  return aligned ? t : t.contiguous();
-}
-
-Strides strides_of(const at::Tensor& t, bool packed) {
-  return {packed ? 0 : t.stride(0), t.stride(-3), t.stride(-2)};
-}
-
-ForwardParams forward_params(const MixedMaskAttentionArgs& args, const at::Tensor& q, const at::Tensor& k,
-                             const at::Tensor& v, const at::Tensor& lse) {
-  ForwardParams p;
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
-  p.q_strides = strides_of(q, args.packed);
-  p.k_strides = strides_of(k, args.packed);
-  p.v_strides = strides_of(v, args.packed);
-  p.lse_batch_stride = args.packed ? 0 : lse.stride(0);
-  p.lse_head_stride = lse.stride(-2);
-  p.sep = args.sep.const_data_ptr<int32_t>();
-  if (args.packed) {
-    p.cu_seqlens_q = args.cu_seqlens_q.const_data_ptr<int32_t>();
-    p.cu_seqlens_k = args.cu_seqlens_k.const_data_ptr<int32_t>();
-  }
-  p.num_samples = static_cast<int>(args.num_samples);
-  p.seq_q = args.seq_q;
-  p.seq_k = args.seq_k;
-  p.heads_q = static_cast<int>(args.heads_q);
-  p.heads_kv = static_cast<int>(args.heads_kv);
-  p.softmax_scale = static_cast<float>(args.softmax_scale);
-  p.scale_log2 = static_cast<float>(args.softmax_scale * M_LOG2E);
-  return p;
-}
-
-// The grid bound of the query / key lengths: max_seqlen when given, else the token totals.
-std::pair<int64_t, int64_t> length_bounds(const MixedMaskAttentionArgs& args) {
-  return {args.max_seqlen_q > 0 ? args.max_seqlen_q : args.seq_q,
-          args.max_seqlen_k > 0 ? args.max_seqlen_k : args.seq_k};
 }
 
 // *invalid = 1 when a sample breaks the contract that the CPU kernels check on the host (the
@@ -150,10 +113,8 @@ std::tuple<at::Tensor, at::Tensor> mixed_mask_attention_cuda(
   auto lse = at::empty(args.lse_shape(), q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  auto params = forward_params(args, q, k, v, lse);
-  params.out = out.mutable_data_ptr();
-  params.out_strides = strides_of(out, args.packed);
-  params.lse = lse.mutable_data_ptr<float>();
+  auto params = cuda::flash::forward_params(args, q, k, v);
+  set_outputs(params, out, lse, args.packed);
   const auto invalid = check_samples(params, args, stream);
   dispatch(args, [&]<typename T, int D>() {
     cuda::flash::run_forward<T, D>(params, length_bounds(args).first, stream);
@@ -184,21 +145,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_mask_attention_backward_cud
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto delta = at::empty(fwd.lse_shape(), args.lse.options());
 
-  BackwardParams params;
-  static_cast<ForwardParams&>(params) = forward_params(fwd, q, k, v, args.lse);
-  params.out = const_cast<void*>(out.const_data_ptr());  // read only: the delta pass
-  params.out_strides = strides_of(out, fwd.packed);
-  params.lse = const_cast<float*>(args.lse.const_data_ptr<float>());  // read only
-  params.grad_out = grad_out.const_data_ptr();
-  params.grad_out_strides = strides_of(grad_out, fwd.packed);
-  params.grad_lse = args.grad_lse.defined() ? args.grad_lse.const_data_ptr<float>() : nullptr;
-  params.delta = delta.mutable_data_ptr<float>();
-  params.grad_q = grad_q.mutable_data_ptr();
-  params.grad_k = grad_k.mutable_data_ptr();
-  params.grad_v = grad_v.mutable_data_ptr();
-  params.grad_q_strides = strides_of(grad_q, fwd.packed);
-  params.grad_k_strides = strides_of(grad_k, fwd.packed);
-  params.grad_v_strides = strides_of(grad_v, fwd.packed);
+  auto params = cuda::flash::backward_params(args, q, k, v, out, grad_out);
+  set_gradients(params, grad_q, grad_k, grad_v, delta, fwd.packed);
   const auto invalid = check_samples(params, fwd, stream);
   const auto [bound_q, bound_k] = length_bounds(fwd);
   dispatch(fwd, [&]<typename T, int D>() { cuda::flash::run_backward<T, D>(params, bound_q, bound_k, stream); });

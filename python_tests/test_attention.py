@@ -386,8 +386,7 @@ def test_narrower_instruction_set_paths(capability):
     out = run_python(
         """
         import torch
-        from attention_testing import cu_seqlens, leaves, make_packed, make_qkv, sdpa_math
-from glm_ext import ops, reference
+        from glm_ext import ops, reference
         torch.manual_seed(0)
         worst = 0.0
         for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):

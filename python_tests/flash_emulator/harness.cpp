@@ -42,16 +42,10 @@ void launch(dim3 grid, int threads, size_t shared_bytes, Kernel kernel, const Ar
   }
 }
 
-template <typename F>
-void dispatch(const MixedMaskAttentionArgs& args, F&& f) {
+// The checks of check_cuda_support that matter to the dispatch (the rest needs a GPU).
+void check_supported(const MixedMaskAttentionArgs& args) {
   TORCH_CHECK_VALUE(args.head_dim == 64 || args.head_dim == 128, "head_dim 64 or 128");
-  const bool half = args.q.scalar_type() == at::kHalf;
-  TORCH_CHECK_TYPE(half || args.q.scalar_type() == at::kBFloat16, "float16 or bfloat16");
-  if (args.head_dim == 64) {
-    half ? f.template operator()<__half, 64>() : f.template operator()<__nv_bfloat16, 64>();
-  } else {
-    half ? f.template operator()<__half, 128>() : f.template operator()<__nv_bfloat16, 128>();
-  }
+  TORCH_CHECK_TYPE(args.q.scalar_type() == at::kHalf || args.q.scalar_type() == at::kBFloat16, "float16 or bfloat16");
 }
 
 // Outputs start as NaN, so that anything a kernel should write and does not shows.
@@ -65,6 +59,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
                                            int64_t max_seqlen_k, double softmax_scale, bool deferred_copies) {
   const auto args = check_mixed_mask_attention_inputs(q_in, k_in, v_in, sep, cu_seqlens_q, cu_seqlens_k,
                                                       max_seqlen_q, max_seqlen_k, softmax_scale);
+  check_supported(args);
   const auto q = with_aligned_rows(args.q), k = with_aligned_rows(args.k), v = with_aligned_rows(args.v);
   auto out = nan_like(q_in.sizes(), q_in.options());
   auto lse = nan_like(args.lse_shape(), q_in.options().dtype(at::kFloat));
@@ -88,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                                                                sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                                max_seqlen_k, softmax_scale);
   const auto& fwd = args.forward;
+  check_supported(fwd);
   const auto q = with_aligned_rows(fwd.q), k = with_aligned_rows(fwd.k), v = with_aligned_rows(fwd.v);
   const auto out = with_aligned_rows(args.out), grad_out = with_aligned_rows(args.grad_out);
   auto grad_q = nan_like(q_in.sizes(), q_in.options());

@@ -196,10 +196,8 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
   T* base = reinterpret_cast<T*>(smem);
   const typename Config::RowTile q_tile{base}, do_tile{base + Config::RowTile::kElements};
   const KeyValueStages<T, kBlockN, D> stages{base + 2 * Config::RowTile::kElements};
-  const T* k = static_cast<const T*>(p.k) + offset_of(p.k_strides, sample.batch, sample.k_start, block.kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset_of(p.v_strides, sample.batch, sample.k_start, block.kv_head);
   auto load_kv = [&](int tile, int stage) {
-    stages.template load_async<kThreads>(tile, stage, k, p.k_strides.token, v, p.v_strides.token, sample.len_k);
+    stages.template load_async<kThreads>(p, sample, block.kv_head, tile, stage);
   };
   const int64_t token = sample.q_start + m0;
   q_tile.template load_async<kThreads>(

@@ -1,9 +1,11 @@
 // Host-side set-up shared by the CUDA entry points (mixed_mask_attention.cu) and the CPU
 // emulation harness of the kernels (python_tests/flash_emulator): kernel parameters from the
-// checked arguments. Plain C++: no CUDA types.
+// checked arguments and the dispatch over the kernels' instantiations. Host code only.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
@@ -94,6 +96,18 @@ inline void set_gradients(BackwardParams& p, const at::Tensor& grad_q, const at:
 inline std::pair<int64_t, int64_t> length_bounds(const MixedMaskAttentionArgs& args) {
   return {args.max_seqlen_q > 0 ? args.max_seqlen_q : args.seq_q,
           args.max_seqlen_k > 0 ? args.max_seqlen_k : args.seq_k};
+}
+
+// Calls f.template operator()<T, D>() for the element type and head dimension of args, which
+// check_cuda_support (or the caller) has restricted to float16 / bfloat16 and 64 / 128.
+template <typename F>
+void dispatch(const MixedMaskAttentionArgs& args, F&& f) {
+  const bool half = args.q.scalar_type() == at::kHalf;
+  if (args.head_dim == 64) {
+    half ? f.template operator()<__half, 64>() : f.template operator()<__nv_bfloat16, 64>();
+  } else {
+    half ? f.template operator()<__half, 128>() : f.template operator()<__nv_bfloat16, 128>();
+  }
 }
 
 }  // namespace glm_ext::cuda::flash

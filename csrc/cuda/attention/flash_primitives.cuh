@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "flash_params.h"
+
 namespace glm_ext::cuda::flash {
 
 // Fragments of one m16n8k16 product.
@@ -199,13 +201,17 @@ struct KeyValueStages {
   __device__ Tile keys(int stage) const { return {base + 2 * stage * Tile::kElements}; }
   __device__ Tile values(int stage) const { return {base + (2 * stage + 1) * Tile::kElements}; }
 
-  // Starts copying key tile `tile` of k and v (a sample's first key, len_k keys) into `stage`.
+  // Starts copying key tile `tile` of key/value head `kv_head` of `sample` into `stage`.
   template <int THREADS>
-  __device__ void load_async(int tile, int stage, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
-                             int len_k) const {
+  __device__ void load_async(const ForwardParams& p, const Sample& sample, int kv_head, int tile, int stage) const {
     const int n0 = tile * ROWS;
-    keys(stage).template load_async<THREADS>(k + n0 * k_stride, k_stride, len_k - n0);
-    values(stage).template load_async<THREADS>(v + n0 * v_stride, v_stride, len_k - n0);
+    const int64_t token = sample.k_start + n0;
+    keys(stage).template load_async<THREADS>(
+        static_cast<const T*>(p.k) + offset_of(p.k_strides, sample.batch, token, kv_head), p.k_strides.token,
+        sample.len_k - n0);
+    values(stage).template load_async<THREADS>(
+        static_cast<const T*>(p.v) + offset_of(p.v_strides, sample.batch, token, kv_head), p.v_strides.token,
+        sample.len_k - n0);
   }
 };
 

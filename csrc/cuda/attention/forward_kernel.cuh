@@ -43,10 +43,8 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
   T* base = reinterpret_cast<T*>(smem);
   const typename Config::QTile q_tile{base};
   const KeyValueStages<T, kBlockN, D> stages{base + Config::QTile::kElements};
-  const T* k = static_cast<const T*>(p.k) + offset_of(p.k_strides, sample.batch, sample.k_start, block.kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset_of(p.v_strides, sample.batch, sample.k_start, block.kv_head);
   auto load_kv = [&](int tile, int stage) {
-    stages.template load_async<kThreads>(tile, stage, k, p.k_strides.token, v, p.v_strides.token, sample.len_k);
+    stages.template load_async<kThreads>(p, sample, block.kv_head, tile, stage);
   };
   q_tile.template load_async<kThreads>(
       static_cast<const T*>(p.q) + offset_of(p.q_strides, sample.batch, sample.q_start + m0, head), p.q_strides.token,

@@ -21,6 +21,7 @@ namespace glm_ext {
 namespace {
 
 using cuda::flash::BackwardParams;
+using cuda::flash::dispatch;
 using cuda::flash::ForwardParams;
 using cuda::flash::length_bounds;
 using cuda::flash::set_gradients;
@@ -87,17 +88,6 @@ void fill_nan_if_invalid(at::Tensor& t, const at::Tensor& invalid, cudaStream_t 
         t.mutable_data_ptr<scalar_t>(), t.numel(), invalid.const_data_ptr<int>());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Calls F.template operator()<T, D>() for the element type and head dimension of args.
-template <typename F>
-void dispatch(const MixedMaskAttentionArgs& args, F&& f) {
-  const bool half = args.q.scalar_type() == at::kHalf;
-  if (args.head_dim == 64) {
-    half ? f.template operator()<__half, 64>() : f.template operator()<__nv_bfloat16, 64>();
-  } else {
-    half ? f.template operator()<__half, 128>() : f.template operator()<__nv_bfloat16, 128>();
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> mixed_mask_attention_cuda(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from glm_ext import cli
+from glm_ext import cli, demo
 from glm_ext.checkpoint import is_checkpoint, load_checkpoint
 from glm_ext.data import default_corpus, prepare_token_file
 from glm_ext.tokenizer import GLMTokenizer
@@ -181,7 +181,7 @@ def test_demo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     for expected in ("held-out loss before training", "held-out loss after 3 steps", "filled:", "demo finished"):
         assert expected in out
-    assert out.count("filled:") == len(cli.DEMO_EXAMPLES)
+    assert out.count("filled:") == len(demo.DEMO_EXAMPLES)
     checkpoint = latest_checkpoint(out_dir / "run")
     assert checkpoint.name == "step-00000003" and is_checkpoint(checkpoint / "model")
     # A second run reuses the tokenizer, the token files and the finished training run.

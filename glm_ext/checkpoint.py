@@ -25,16 +25,14 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from glm_ext.files import staged_directory, write_file_atomically
 from glm_ext.model import GLMConfig, GLMModel
 
 __all__ = [
@@ -114,31 +112,7 @@ def _model_from_state(state: StateDict, config: GLMConfig, model_options: Mappin
 
 
 # --------------------------------------------------------------------------------------------
-# Atomic file system helpers
-
-
-def fsync_path(path: Path) -> None:
-    """Flushes a file or directory entry to disk (directories: so that a rename survives a crash)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomically(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Writes ``path`` through a temporary sibling that replaces it once complete and synced."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-        fsync_path(path.parent)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+# Our format
 
 
 def _standalone(tensor: torch.Tensor) -> torch.Tensor:
@@ -165,27 +139,6 @@ def _check_replaceable(target: Path) -> None:
             f"{target} exists and holds files other than a glm_ext checkpoint ({', '.join(foreign)}); "
             "refusing to replace it"
         )
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Renames the complete ``staging`` directory to ``target``, replacing an old checkpoint.
-
-    A directory cannot be renamed over a non-empty one, so the old checkpoint first moves aside
-    (a crash between the two renames leaves both complete copies next to ``target``).
-    """
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, retired)
-        os.rename(staging, target)
-        fsync_path(target.parent)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, target)
-        fsync_path(target.parent)
-
-
-# --------------------------------------------------------------------------------------------
-# Our format
 
 
 def _config_and_state(model_or_state: GLMModel | Mapping[str, torch.Tensor], config: GLMConfig | None):
@@ -215,18 +168,10 @@ def save_checkpoint(
     check_state_dict(state, config)
     target = Path(directory).absolute()
     _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staged_directory(target) as staging:
         save_file({key: _standalone(value) for key, value in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        for path in (staging / WEIGHTS_FILE, staging / CONFIG_FILE, staging):
-            fsync_path(path)
-        _swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

@@ -21,7 +21,8 @@ from glm_ext.data import TokenFile, default_corpus, prepare_token_file
 from glm_ext.data.corpus import DEFAULT_CORPUS_NAME
 from glm_ext.generation import fill_blanks
 from glm_ext.tokenizer import GLMTokenizer
-from glm_ext.training import MODEL_DIR, TrainConfig, Trainer
+from glm_ext.run_dir import MODEL_DIR
+from glm_ext.training import TrainConfig, Trainer
 
 # The demo's training run: the tiny preset for about 2-4 minutes on 2 otherwise idle CPU cores
 # (about 12,000 tokens/s there). With 2D rotary positions (GLM_SPEC 3, ChatGLM's variant) the tiny

@@ -6,18 +6,9 @@ strings together. Data are the authors' pretraining rows: :class:`~glm_ext.data.
 over a token file (``[CLS]`` + the next tokens of the shuffled documents), made into
 blank-infilling rows by :class:`~glm_ext.data.BlankInfillingCollator` (GLM_SPEC section 1).
 
-A run directory (``TrainConfig.output_dir``) holds::
-
-    train_config.json                 the configuration of the run
-    tokenizer.json                    a copy of the tokenizer (what `glm-ext generate RUN_DIR` reads)
-    latest                            the name of the newest complete checkpoint
-    checkpoints/step-00000400/
-        model/                        glm_ext.checkpoint format (model.safetensors + config.json)
-        trainer_state.pt              optimizer, step, data stream, collator, RNG states
-
-A checkpoint directory is assembled under a temporary name and renamed into place once complete,
-then ``latest`` is replaced (write to a temporary file, rename), so a crash at any point leaves
-the previous checkpoint and ``latest`` intact. Resuming restores everything that decides the next
+The run directory (``TrainConfig.output_dir``) is laid out and written by :mod:`glm_ext.run_dir`:
+checkpoints appear atomically, so a crash at any point leaves the previous checkpoint intact.
+Resuming restores everything that decides the next
 steps: a run of N steps and a run of k steps resumed for N - k more give the same weights.
 """
 
@@ -28,24 +19,22 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glm_ext.checkpoint import fsync_path, load_checkpoint, save_checkpoint, write_file_atomically
+from glm_ext.checkpoint import load_checkpoint, save_checkpoint
+from glm_ext.files import write_file_atomically
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
 from glm_ext.model import GLMConfig, GLMModel, lm_loss
+from glm_ext.run_dir import CONFIG_FILE, MODEL_DIR, STATE_FILE, TOKENIZER_FILE, RunDirectory
 from glm_ext.tokenizer import GLMTokenizer
 
 __all__ = [
     "DTYPES",
-    "LATEST_FILE",
     "TrainConfig",
     "Trainer",
     "latest_checkpoint",
@@ -54,12 +43,6 @@ __all__ = [
 ]
 
 DTYPES = ("auto", "float32", "float64", "bfloat16")
-LATEST_FILE = "latest"
-CHECKPOINTS_DIR = "checkpoints"
-MODEL_DIR = "model"
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "train_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 EVAL_SEED = 1234  # the held-out batches are the same for every run and every seed
 
 # Fields that decide which batches a run sees: a resumed run must keep them.
@@ -186,13 +169,7 @@ def _resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, torch
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     """The newest complete checkpoint directory of a run (``checkpoints/step-N``), or None."""
-    pointer = Path(output_dir) / LATEST_FILE
-    if not pointer.is_file():
-        return None
-    path = Path(output_dir) / CHECKPOINTS_DIR / pointer.read_text(encoding="utf-8").strip()
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    return RunDirectory(output_dir).latest_checkpoint()
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +189,7 @@ class Trainer:
         self.log = log
         self.device = resolve_device(config.device)
         self.param_dtype, self.autocast_dtype = _resolve_dtype(config.dtype, self.device)
-        self.output_dir = Path(config.output_dir)
+        self.run_dir = RunDirectory(config.output_dir)
         self.tokenizer = GLMTokenizer.from_file(config.tokenizer)
         self.collator = self.build_collator(config.seed)
         self.train_file = self.open_token_file(config.train_data)
@@ -407,49 +384,24 @@ class Trainer:
         """Writes ``checkpoints/step-N`` (model and trainer state) atomically, then points
         ``latest`` at it and removes checkpoints beyond the newest ``keep_checkpoints``."""
         state = self.state_dict()
-        root = self.output_dir / CHECKPOINTS_DIR
-        root.mkdir(parents=True, exist_ok=True)
         self._write_run_files()
-        name = f"step-{self.step:08d}"
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
-        try:
-            save_checkpoint(self.model, staging / MODEL_DIR)
-            write_file_atomically(staging / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
-            fsync_path(staging)
-            target = root / name
-            if target.exists():  # saving the same step again: replace the old copy
-                retired = root / f".{name}.old-{uuid.uuid4().hex[:8]}"
-                os.rename(target, retired)
-                os.rename(staging, target)
-                shutil.rmtree(retired)
-            else:
-                os.rename(staging, target)
-            fsync_path(root)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        write_file_atomically(self.output_dir / LATEST_FILE, lambda f: f.write(name + "\n"))
-        self._prune(root, keep=name)
-        return target
+
+        def write(directory: Path) -> None:
+            save_checkpoint(self.model, directory / MODEL_DIR)
+            write_file_atomically(directory / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
+
+        return self.run_dir.save_checkpoint(self.step, write, keep=self.config.keep_checkpoints)
 
     def _write_run_files(self) -> None:
-        config_text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        write_file_atomically(self.output_dir / CONFIG_FILE, lambda f: f.write(config_text))
-        tokenizer_copy = self.output_dir / TOKENIZER_FILE
+        self.run_dir.write_text(CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        tokenizer_copy = self.run_dir.tokenizer_file
         if not tokenizer_copy.exists() or not tokenizer_copy.samefile(self.config.tokenizer):
-            text = Path(self.config.tokenizer).read_text(encoding="utf-8")
-            write_file_atomically(tokenizer_copy, lambda f: f.write(text))
-
-    def _prune(self, root: Path, keep: str) -> None:
-        steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-        old = [p for p in steps if p.name != keep][: max(0, len(steps) - self.config.keep_checkpoints)]
-        for path in old:
-            shutil.rmtree(path)
+            self.run_dir.write_text(TOKENIZER_FILE, Path(self.config.tokenizer).read_text(encoding="utf-8"))
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
         """Continues from ``checkpoint`` (a ``checkpoints/step-N`` directory), by default the newest
         one of ``output_dir``. Returns False when there is none to resume from."""
-        path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(self.output_dir)
+        path = Path(checkpoint) if checkpoint is not None else self.run_dir.latest_checkpoint()
         if path is None:
             return False
         saved = load_checkpoint(path / MODEL_DIR)
@@ -510,11 +462,11 @@ class Trainer:
                 self.log(f"saved {self.save()}")
         self._flush_pending()
         seconds = time.perf_counter() - start
-        if self.step > summary["start_step"] or latest_checkpoint(self.output_dir) is None:
+        if self.step > summary["start_step"] or self.run_dir.latest_checkpoint() is None:
             summary["checkpoint"] = self.save()
             self.log(f"saved {summary['checkpoint']}")
         else:
-            summary["checkpoint"] = latest_checkpoint(self.output_dir)
+            summary["checkpoint"] = self.run_dir.latest_checkpoint()
         recent = [e["loss"] for e in self.history[-window:]]
         summary.update(
             step=self.step,

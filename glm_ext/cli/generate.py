@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from glm_ext.cli.common import reports_errors
 
@@ -32,19 +31,12 @@ def add_parser(commands) -> None:
 
 def load_for_generation(path: str, tokenizer_path: str | None, device: str):
     """(model, tokenizer) from a run directory, a checkpoints/step-N directory or a checkpoint."""
-    from glm_ext.checkpoint import is_checkpoint, load_checkpoint
+    from glm_ext.checkpoint import load_checkpoint
+    from glm_ext.run_dir import resolve_model_source
     from glm_ext.tokenizer import GLMTokenizer
-    from glm_ext.training import MODEL_DIR, TOKENIZER_FILE, latest_checkpoint, resolve_device
+    from glm_ext.training import resolve_device
 
-    root = Path(path)
-    if is_checkpoint(root):
-        model_dir, default_tokenizer = root, None
-    elif is_checkpoint(root / MODEL_DIR):
-        model_dir, default_tokenizer = root / MODEL_DIR, root.parent.parent / TOKENIZER_FILE
-    elif (step_dir := latest_checkpoint(root)) is not None:
-        model_dir, default_tokenizer = step_dir / MODEL_DIR, root / TOKENIZER_FILE
-    else:
-        raise FileNotFoundError(f"{path} is neither a training run (glm-ext train --output-dir) nor a checkpoint")
+    model_dir, default_tokenizer = resolve_model_source(path)
     tokenizer_path = tokenizer_path or default_tokenizer
     if tokenizer_path is None:
         raise FileNotFoundError(f"{path} is a bare checkpoint: pass --tokenizer")

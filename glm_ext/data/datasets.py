@@ -28,7 +28,7 @@ import itertools
 import json
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -130,12 +130,14 @@ def prepare_token_file(
     text_key: str = "text",
     with_default_corpus: bool = False,
     batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
 ) -> TokenFile:
     """Tokenise ``sources`` (and the default corpus) into the token file at prefix ``output``.
 
     Documents are read and encoded ``batch_size`` at a time, so memory stays bounded however large the
     input is. All three files appear at once or not at all: they are written as temporary siblings and
     moved into place only after everything succeeded (an older token file stays intact otherwise).
+    ``progress`` is called with the number of characters encoded, batch by batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -146,7 +148,7 @@ def prepare_token_file(
     dtype = token_dtype(tokenizer.vocab_size)
     with _atomic_outputs(paths) as (bin_temp, idx_temp, meta_temp):
         with open(bin_temp, "wb") as out:
-            offsets, skipped = _write_tokens(documents, tokenizer, out, dtype, batch_size)
+            offsets, skipped = _write_tokens(documents, tokenizer, out, dtype, batch_size, progress)
         if len(offsets) == 1:
             raise ValueError(f"sources {names} hold no non-blank documents")
         with open(idx_temp, "wb") as out:
@@ -173,7 +175,8 @@ def prepare_token_file(
 
 
 def _write_tokens(
-    documents: Iterable[str], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int
+    documents: Iterable[str], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[array.array, int]:
     """Write each non-blank document's tokens and ``<eos>``; return the boundaries and the blank count.
 
@@ -188,6 +191,8 @@ def _write_tokens(
             ids.append(eos)
             np.asarray(ids, dtype=dtype).tofile(out)
             offsets.append(offsets[-1] + len(ids))
+        if progress is not None:
+            progress(sum(map(len, batch)))
     _sync(out)
     return offsets, skipped
 

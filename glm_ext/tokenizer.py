@@ -21,9 +21,12 @@ import functools
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from glm_ext.files import write_file_atomically
 
 #: Role -> the token's text (the authors' texts), in GLM_SPEC section 4 order, which is also the order
 #: of ids 0..9 in a trained tokenizer.
@@ -140,12 +143,17 @@ class GLMTokenizer:
         """Load a ``tokenizer.json`` (as written by :meth:`save`)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"tokenizer file {os.fspath(path)!r} does not exist")
-        return cls(Tokenizer.from_file(os.fspath(path)))
+        try:
+            tokenizer = Tokenizer.from_file(os.fspath(path))
+        except Exception as exc:  # the library raises a bare Exception for any unreadable file
+            raise ValueError(f"tokenizer file {os.fspath(path)!r} is not a valid tokenizer.json ({exc})") from exc
+        return cls(tokenizer)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the tokenizer as one ``tokenizer.json`` that :meth:`from_file` reads back."""
+        """Write the tokenizer as one ``tokenizer.json`` that :meth:`from_file` reads back (atomically:
+        an interrupted save leaves the previous file, or none)."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._tokenizer.save(os.fspath(path))
+        write_file_atomically(Path(path), lambda f: f.write(self._tokenizer.to_str(pretty=True)))
 
     # ----- encoding and decoding ----------------------------------------------------------------
 

@@ -16,11 +16,12 @@ sorted path order. Blank documents are skipped (and counted in the metadata).
 
 Memory stays bounded however long a document is: text is read and encoded in pieces of about
 ``PIECE_CHARS`` characters (:func:`iter_text_pieces`; a ``.jsonl`` line is read whole first). A piece
-ends just before a whitespace character (space or newline) that a non-whitespace character follows,
-never inside a word. A document's token ids are the concatenation of its pieces' encodings, which
-for GLM's byte-level BPE are exactly the ids of encoding it whole (GPT-2's pre-tokenizer, which BPE
-never merges across, splits before such a whitespace character anyway). Only a run of more than
-``MAX_PIECE_CHARS`` characters without such a place is cut inside (where the ids may differ).
+ends just before a space or newline that a letter, digit or underscore follows, never inside a
+word. A document's token ids are the concatenation of its pieces' encodings, which for GLM's
+byte-level BPE are exactly the ids of encoding it whole: GPT-2's pre-tokenizer, which BPE never
+merges across, splits before such a character anyway (and GLM's special tokens, split out first,
+start with ``[`` or ``<``). Only a run of more than ``MAX_PIECE_CHARS`` characters without such a
+place is cut inside (where the ids may differ).
 
 :class:`PackedRowStream` turns a token file into the authors' pretraining rows: ``[CLS]`` followed by
 the next ``row_length - 1`` tokens of the documents concatenated in a seeded shuffled order.
@@ -51,7 +52,7 @@ SOURCE_SUFFIXES = (".txt", ".jsonl")
 PIECE_CHARS = 1 << 16  # documents are read and encoded in pieces of about this many characters
 MAX_PIECE_CHARS = 1 << 20  # ... and cut here even inside a word, when no whitespace allows a cut sooner
 BATCH_CHARS = 1 << 20  # characters encoded at once (the tokenizer needs ~200 bytes per character)
-_CUT = re.compile(r"[ \n](?=\S)")  # a piece may start at such a whitespace character
+_CUT = re.compile(r"[ \n](?=\w)")  # a piece may start at a space or newline that a word follows
 
 StrPath = str | os.PathLike
 
@@ -98,9 +99,10 @@ def iter_text_pieces(
             yield number, piece
 
 
-def _pieces(blocks: Iterable[str], size: int = PIECE_CHARS, max_size: int = MAX_PIECE_CHARS) -> Iterator[str]:
-    """The text made of ``blocks`` in pieces cut where encoding may be split (module docstring):
-    as long as possible up to ``size`` characters, else as short as possible up to ``max_size``."""
+def _pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """The text made of ``blocks`` in pieces cut where encoding may be split (module docstring): as
+    long as possible up to ``PIECE_CHARS`` characters, else as short as possible up to ``MAX_PIECE_CHARS``."""
+    size, max_size = PIECE_CHARS, MAX_PIECE_CHARS
     buffer, done = "", False
     for block in itertools.chain(blocks, [None]):
         if block is None:
@@ -110,11 +112,13 @@ def _pieces(blocks: Iterable[str], size: int = PIECE_CHARS, max_size: int = MAX_
         while len(buffer) > size + 1:
             cut = _last_cut(buffer, size)
             if not cut:
-                found = _CUT.search(buffer, size)
-                cut = found.start() if found and found.start() <= max_size else 0
+                found = _CUT.search(buffer, size, max_size + 2)  # the first cut after size, up to max_size
+                cut = found.start() if found else 0
             if not cut:
                 if len(buffer) < max_size + 2 and not done:
                     break  # read on: a cut may follow
+                if len(buffer) <= max_size:
+                    break  # the end of the text: what is left is the last piece
                 cut = max_size
             yield buffer[:cut]
             buffer = buffer[cut:]
@@ -122,14 +126,14 @@ def _pieces(blocks: Iterable[str], size: int = PIECE_CHARS, max_size: int = MAX_
 
 
 def _last_cut(text: str, limit: int) -> int:
-    """The last place ``1 <= i <= limit`` where a piece may start (``text[i]`` a space or newline,
-    ``text[i + 1]`` not whitespace; needs ``len(text) >= limit + 2``), or 0 when there is none."""
+    """The last place ``1 <= i <= limit`` where a piece may start (``_CUT``; needs
+    ``len(text) >= limit + 2``), or 0 when there is none."""
     i = limit
     while i >= 1:
         i = max(text.rfind(" ", 1, i + 1), text.rfind("\n", 1, i + 1))
         if i < 1:
             return 0
-        if not text[i + 1].isspace():
+        if _CUT.match(text, i):
             return i
         i -= 1
     return 0

@@ -223,11 +223,16 @@ class RunDirectory:
                 with open(staging / STATE_FILE, "wb") as out:
                     torch.save(trainer_state, out)
                 write_manifest(staging, [STATE_FILE])
-            write_file_atomically(self.latest_file, lambda f: f.write(target.name + "\n"))
+            self._point_latest_at(target)
             earlier = [p for p in self.checkpoints() if _step_of(p) < step]
             for path in earlier[: max(0, len(earlier) - (keep - 1))]:
                 remove_directory(path)
         return target
+
+    def _point_latest_at(self, checkpoint: Path) -> None:
+        if self.latest_file.is_dir() and not self.latest_file.is_symlink():
+            os.rmdir(self.latest_file)  # only an empty one: anything else stays (and the write fails)
+        write_file_atomically(self.latest_file, lambda f: f.write(checkpoint.name + "\n"))
 
     # ----- reading ------------------------------------------------------------------------------
 
@@ -270,8 +275,9 @@ class RunDirectory:
         self, *, map_location: str | torch.device = "cpu"
     ) -> tuple[Path, GLMModel, dict] | None:
         """(directory, model, trainer state) of the newest intact checkpoint, or None when the run
-        has none. Damaged newer checkpoints are skipped with a :class:`ResumeWarning`; when every
-        checkpoint is damaged, ValueError (a run is never silently restarted over its checkpoints)."""
+        has none; ``latest`` is pointed at it. Damaged newer checkpoints are skipped with a
+        :class:`ResumeWarning`; when every checkpoint is damaged, ValueError (a run is never silently
+        restarted over its checkpoints)."""
         present = self.checkpoints()
         latest = self._latest_name()
         if not present:
@@ -290,6 +296,9 @@ class RunDirectory:
             if latest is None:
                 warnings.warn(f"{self.latest_file} is missing or damaged; resuming from the newest intact "
                               f"checkpoint, {path}", ResumeWarning, stacklevel=2)
+            if latest != path.name:
+                with self.lock():
+                    self._point_latest_at(path)
             return path, model, state
         raise ValueError(
             f"run directory {self.path} holds checkpoints, but none is intact ({'; '.join(problems)}); "

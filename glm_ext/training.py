@@ -449,6 +449,7 @@ class Trainer:
         """
         with self.run_dir.lock(), contextlib.ExitStack() as stack:
             stop = stop or stack.enter_context(StopSignals())
+            self._write_run_files()  # at once: a damaged copy is repaired even when no step is left to do
             return self._fit(evaluate_first, stop)
 
     def _fit(self, evaluate_first: bool, stop: StopSignals) -> dict[str, Any]:

@@ -293,7 +293,7 @@ class RunDirectory:
                 problems.append(str(exc))
                 warnings.warn(f"skipping checkpoint {path}: {exc}", ResumeWarning, stacklevel=2)
                 continue
-            if latest is None:
+            if latest is None or not (self.checkpoints_dir / latest).is_dir():
                 warnings.warn(f"{self.latest_file} is missing or damaged; resuming from the newest intact "
                               f"checkpoint, {path}", ResumeWarning, stacklevel=2)
             if latest != path.name:
@@ -310,7 +310,9 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
     """A trainer state written by :meth:`RunDirectory.save_checkpoint`; only tensors and plain values
     are unpickled (``weights_only=True``, never anything else for our own files)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's remarks on foreign pickles: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # damaged bytes fail torch.load in many ways; the message must not advise weights_only=False
         raise CorruptFileError(f"{path} is damaged or not a glm_ext trainer state ({type(exc).__name__})") from exc
     if not isinstance(state, dict) or "step" not in state:

@@ -206,8 +206,13 @@ class RunDirectory:
     # ----- writing ------------------------------------------------------------------------------
 
     def write_text(self, name: str, text: str) -> None:
-        """Writes the run file ``name`` (e.g. ``CONFIG_FILE``) atomically."""
+        """Writes the run file ``name`` (e.g. ``CONFIG_FILE``) atomically, unless it holds ``text`` already."""
         with self.lock():
+            try:
+                if (self.path / name).read_text(encoding="utf-8") == text:
+                    return
+            except (OSError, UnicodeDecodeError):
+                pass
             write_file_atomically(self.path / name, lambda f: f.write(text))
 
     def save_checkpoint(

@@ -282,5 +282,7 @@ def verify_manifest(directory: Path, required: Iterable[str]) -> dict[str, Any] 
         if not path.is_file():
             raise CorruptFileError(f"{path} is missing (listed in {MANIFEST_FILE})")
         if path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            raise CorruptFileError(f"{path} is damaged: its contents differ from the checksum recorded when it was saved")
+            raise CorruptFileError(
+                f"{path} is damaged: its contents differ from the checksum recorded when it was saved"
+            )
     return manifest["metadata"]

@@ -318,7 +318,7 @@ def _read_trainer_state(path: Path) -> dict[str, Any]:
         with warnings.catch_warnings():  # torch's remarks on foreign pickles: the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # damaged bytes fail torch.load in many ways; the message must not advise weights_only=False
+    except Exception as exc:  # damaged bytes fail torch.load in many ways; never advise weights_only=False
         raise CorruptFileError(f"{path} is damaged or not a glm_ext trainer state ({type(exc).__name__})") from exc
     if not isinstance(state, dict) or "step" not in state:
         raise CorruptFileError(f"{path} is not a glm_ext trainer state")
@@ -331,8 +331,8 @@ def check_tokenizer(model_dir: str | os.PathLike, tokenizer_sha256: str, tokeniz
     expected = checkpoint_metadata(model_dir).get(TOKENIZER_SHA256)
     if expected is not None and expected != tokenizer_sha256:
         raise ValueError(
-            f"tokenizer {tokenizer_name} is not the one {model_dir} was trained with (SHA-256 {tokenizer_sha256[:12]}..., "
-            f"the model's tokenizer {expected[:12]}...); use the run's tokenizer.json"
+            f"tokenizer {tokenizer_name} is not the one {model_dir} was trained with (SHA-256 "
+            f"{tokenizer_sha256[:12]}..., the model's tokenizer {expected[:12]}...); use the run's tokenizer.json"
         )
 
 

@@ -118,7 +118,7 @@ class TrainConfig:
             if not 0 <= getattr(self, name) < math.inf:  # NaN too (it compares false, e.g. a NaN grad_clip never clips)
                 raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 < self.lr < math.inf:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPES:

@@ -102,7 +102,8 @@ def test_fsync_path_syncs_that_path(tmp_path, synced, kind):
     assert synced == [identity(path)]
 
 
-@pytest.mark.parametrize("mask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
+@pytest.mark.parametrize("mask, file_mode, dir_mode",
+                         [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700), (0o002, 0o664, 0o775)])
 def test_files_and_directories_get_the_umasks_modes(tmp_path, umask, mask, file_mode, dir_mode):
     umask(mask)
     write_file_atomically(tmp_path / "file", lambda f: f.write("x"))

@@ -47,7 +47,8 @@ def run(finished, tmp_path):
 
 def weights(path):
     """(step, weights) of the checkpoint directory ``path``."""
-    return torch.load(path / "trainer_state.pt", weights_only=True)["step"], load_checkpoint(path / "model").state_dict()
+    step = torch.load(path / "trainer_state.pt", weights_only=True)["step"]
+    return step, load_checkpoint(path / "model").state_dict()
 
 
 def flip_byte(path):

@@ -44,7 +44,9 @@ class BlankInfillingCollator:
         arrays = [np.asarray(row) for row in rows]
         not_ids = [i for i, a in enumerate(arrays) if a.size and a.dtype.kind not in "iu"]
         if not_ids:  # casting would truncate 3.7 to 3 without a word
-            raise TypeError(f"rows must hold integer token ids; rows {not_ids[:5]} hold {arrays[not_ids[0]].dtype} values")
+            raise TypeError(
+                f"rows must hold integer token ids; rows {not_ids[:5]} hold {arrays[not_ids[0]].dtype} values"
+            )
         tensors = [torch.as_tensor(a, dtype=torch.int64).reshape(-1) for a in arrays]
         too_long = [i for i, t in enumerate(tensors) if len(t) > self.input_length]
         if too_long:

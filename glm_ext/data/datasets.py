@@ -368,7 +368,9 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     try:
         metadata = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as error:  # not UTF-8, not JSON
-        raise ValueError(f"{path} is damaged (not JSON: {error}); write the token file again with glm-ext prepare-data") from error
+        raise ValueError(
+            f"{path} is damaged (not JSON: {error}); write the token file again with glm-ext prepare-data"
+        ) from error
     if not isinstance(metadata, dict):
         raise ValueError(f"{path} is damaged (not a JSON object); write the token file again with glm-ext prepare-data")
     if metadata.get("version") != TOKEN_FILE_VERSION:

@@ -107,8 +107,8 @@ _GPT2_APPENDED_ROLES = ("sop", "eop", "cls", "mask", "sep", "unk", "gmask", "sma
 #: The roles the authors appended after BERT's and RoBERTa's vocabularies (task masks included).
 _BLOCK_ROLES = ("sop", "eop", "gmask", "smask")
 
-#: BERT's own special tokens, which GLM uses under the same spellings (``[PAD]`` is also eos).
-_BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+#: The roles of BERT's own special tokens, which have GLM's spellings (``[PAD]`` is also eos).
+_BERT_ROLES = ("pad", "cls", "sep", "mask", "unk")
 
 #: RoBERTa's special tokens -> the roles the authors gave them.
 _ROBERTA_ROLES = {"<s>": "cls", "</s>": "eos", "<unk>": "unk", "<mask>": "mask"}
@@ -148,7 +148,8 @@ VOCAB_PADDING_MULTIPLE = 128
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """The ids of GLM's special tokens, by role. With GPT-2 files ``pad == eos``."""
+    """The ids of GLM's special tokens, by role. Roles may share an id (``pad == eos`` with the
+    authors' files; see the module docstring)."""
 
     pad: int
     eos: int
@@ -246,9 +247,9 @@ class GLMTokenizer:
         # The authors' [SEP] is </s> as well: typed in text it is respelled <|endoftext|>, which is matched
         # after that normalisation (normalized=True).
         tokenizer.normalizer = normalizers.Replace(SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["eos"])
-        specials = [_authors_special(role) for role in (*ids, *_BLOCK_ROLES)]
-        specials[list(ids).index("eos")] = AddedToken(SPECIAL_TOKENS["eos"], special=True, normalized=True)
-        tokenizer.add_special_tokens(specials)
+        tokenizer.add_special_tokens(
+            [_authors_special(role, normalized=role == "eos") for role in (*ids, *_BLOCK_ROLES)]
+        )
         return cls(tokenizer)
 
     @classmethod
@@ -269,19 +270,20 @@ class GLMTokenizer:
             vocab = models.WordPiece.read_file(os.fspath(vocab_file))
         except Exception as exc:  # the tokenizers package raises plain Exceptions
             raise ValueError(f"vocab_file {os.fspath(vocab_file)!r} is not a WordPiece vocab.txt: {exc}") from exc
-        missing = [token for token in _BERT_SPECIALS if token not in vocab]
+        missing = [SPECIAL_TOKENS[role] for role in _BERT_ROLES if SPECIAL_TOKENS[role] not in vocab]
         if missing:
             raise ValueError(f"vocab_file {os.fspath(vocab_file)!r} lacks BERT's special tokens {missing}")
         if sorted(vocab.values()) != list(range(len(vocab))):
-            raise ValueError(f"vocab_file {os.fspath(vocab_file)!r} repeats tokens: its ids are not 0..{len(vocab) - 1}")
+            raise ValueError(
+                f"vocab_file {os.fspath(vocab_file)!r} repeats tokens: its ids are not 0..{len(vocab) - 1}"
+            )
         tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=100))
         tokenizer.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
         )
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        bert_roles = ("pad", "cls", "sep", "mask", "unk")
-        tokenizer.add_special_tokens([_authors_special(role) for role in (*bert_roles, *_BLOCK_ROLES)])
+        tokenizer.add_special_tokens([_authors_special(role) for role in (*_BERT_ROLES, *_BLOCK_ROLES)])
         return cls(tokenizer)
 
     @classmethod
@@ -312,11 +314,11 @@ class GLMTokenizer:
                 f"got {len(files)}: {' '.join(map(os.fspath, files)) or 'none'}"
             )
         builders = {
-            "wordpiece": lambda vocab: cls.from_wordpiece_file(vocab),
+            "wordpiece": cls.from_wordpiece_file,
             "wordpiece-cased": lambda vocab: cls.from_wordpiece_file(vocab, lowercase=False),
             "roberta": cls.from_roberta_files,
             "gpt2": cls.from_gpt2_files,
-            "chinese-sp": lambda model: cls.from_sentencepiece_file(model),
+            "chinese-sp": cls.from_sentencepiece_file,
             "chinese-sp-10b": lambda model: cls.from_sentencepiece_file(model, fix_command_token=False),
         }
         return builders[family](*files)
@@ -440,21 +442,12 @@ class SentencePieceTokenizer:
     VERSION = 1
 
     def __init__(self, model: bytes, special_tokens: Sequence[SpecialToken]) -> None:
-        try:
-            import sentencepiece
-        except ImportError as exc:
-            raise ImportError(
-                "the SentencePiece tokenizer needs the sentencepiece package: pip install 'glm_ext[sentencepiece]'"
-            ) from exc
         self._model = bytes(model)
-        try:
-            self._processor = sentencepiece.SentencePieceProcessor(model_proto=self._model)
-        except RuntimeError as exc:
-            raise ValueError(f"not a SentencePiece model: {exc}") from exc
+        self._processor = _load_sentencepiece(self._model)
         self._special = tuple(SpecialToken(*token) for token in special_tokens)
         pieces = len(self._processor)
-        if any(token.id < pieces for token in self._special):
-            raise ValueError(f"special token ids must follow the model's {pieces} pieces: {self._special}")
+        if not self._special or any(token.id < pieces for token in self._special):
+            raise ValueError(f"special tokens must follow the model's {pieces} pieces, got {self._special}")
         self._special_ids = {token.content: token.id for token in self._special}
         self._special_texts: dict[int, str] = {}
         for token in self._special:
@@ -469,7 +462,7 @@ class SentencePieceTokenizer:
     def chinese(cls, model: bytes, *, fix_command_token: bool = True) -> SentencePieceTokenizer:
         """The authors' special tokens after the pieces of ``model`` (see
         :meth:`GLMTokenizer.from_sentencepiece_file`)."""
-        n = len(cls(model, ())._processor)
+        n = len(_load_sentencepiece(model))
         ids = {"eos": n, "sep": n + 1, "cls": n + 2, "mask": n + 3, "unk": n + 4, "sop": n + 6, "eop": n + 7}
         ids.update({"smask": n + 8, "gmask": n + 9} if fix_command_token else {"gmask": n + 7, "smask": n + 8})
         # In SPECIAL_TOKENS order, so [gMASK] is the text of GLM-10B-Chinese's N+7, as in the authors' decoding.
@@ -490,7 +483,7 @@ class SentencePieceTokenizer:
         if content[cls.FORMAT] != cls.VERSION:
             raise ValueError(f"unknown {cls.FORMAT} version {content[cls.FORMAT]!r} (this is version {cls.VERSION})")
         try:
-            tokens = [SpecialToken(token["content"], token["id"], token["lstrip"]) for token in content["special_tokens"]]
+            tokens = [SpecialToken(t["content"], t["id"], t["lstrip"]) for t in content["special_tokens"]]
             model = base64.b64decode(content["model"], validate=True)
         except (KeyError, TypeError, binascii.Error) as exc:
             raise ValueError(f"malformed {cls.FORMAT} tokenizer: {exc!r}") from exc
@@ -498,6 +491,7 @@ class SentencePieceTokenizer:
 
     # ----- the tokenizers.Tokenizer interface ---------------------------------------------------
 
+    # (add_special_tokens: there are none to add, as in GLMTokenizer's use of tokenizers.Tokenizer)
     def encode(self, text: str, add_special_tokens: bool = False) -> SentencePieceEncoding:
         return self.encode_batch([text])[0]
 
@@ -534,8 +528,7 @@ class SentencePieceTokenizer:
         return texts
 
     def get_vocab_size(self, with_added_tokens: bool = True) -> int:
-        return max(len(self._processor), *(token.id + 1 for token in self._special)) if with_added_tokens \
-            else len(self._processor)
+        return max(token.id for token in self._special) + 1 if with_added_tokens else len(self._processor)
 
     def token_to_id(self, token: str) -> int | None:
         if token in self._special_ids:
@@ -544,13 +537,28 @@ class SentencePieceTokenizer:
         return token_id if self._processor.id_to_piece(token_id) == token else None
 
 
-def _special(text: str, *, lstrip: bool = False) -> AddedToken:
-    return AddedToken(text, special=True, normalized=False, lstrip=lstrip)
+def _load_sentencepiece(model: bytes):
+    """A ``sentencepiece.SentencePieceProcessor`` of a ``.model`` file's bytes (the optional package is
+    imported only here)."""
+    try:
+        import sentencepiece
+    except ImportError as exc:
+        raise ImportError(
+            "the SentencePiece tokenizer needs the sentencepiece package: pip install 'glm_ext[sentencepiece]'"
+        ) from exc
+    try:
+        return sentencepiece.SentencePieceProcessor(model_proto=model)
+    except RuntimeError as exc:
+        raise ValueError(f"not a SentencePiece model: {exc}") from exc
 
 
-def _authors_special(role: str) -> AddedToken:
+def _special(text: str, *, lstrip: bool = False, normalized: bool = False) -> AddedToken:
+    return AddedToken(text, special=True, normalized=normalized, lstrip=lstrip)
+
+
+def _authors_special(role: str, *, normalized: bool = False) -> AddedToken:
     """The special token of ``role`` as the authors' tokenizers match it (mask tokens ``lstrip``)."""
-    return _special(SPECIAL_TOKENS[role], lstrip=role in _LSTRIP_ROLES)
+    return _special(SPECIAL_TOKENS[role], lstrip=role in _LSTRIP_ROLES, normalized=normalized)
 
 
 def _check_files(**files: str | os.PathLike) -> None:

@@ -241,7 +241,8 @@ def test_wordpiece_unknown_words(wordpiece):
 
 
 def test_wordpiece_special_tokens_in_text(wordpiece):
-    assert wordpiece.encode("the [MASK] sat on the[MASK]mat") == ids("the", "[MASK]", "sat", "on", "the", "[MASK]", "mat")
+    assert wordpiece.encode("the [MASK] sat on the[MASK]mat") == \
+        ids("the", "[MASK]", "sat", "on", "the", "[MASK]", "mat")
     assert wordpiece.encode("[CLS] a [SEP] [PAD] [UNK]") == ids("[CLS]", "a", "[SEP]", "[PAD]", "[UNK]")
     assert wordpiece.encode("[mask]") == [WP["["], WP["[UNK]"], WP["]"]]  # spellings are case-sensitive
 

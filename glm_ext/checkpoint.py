@@ -1,13 +1,14 @@
 """Checkpoints: our own format, and import/export of the authors' (THUDM/GLM) checkpoints.
 
 Our format is a directory holding ``model.safetensors`` (the weights), ``config.json`` (the
-``GLMConfig`` fields) and ``manifest.json`` (the size and SHA-256 of the other two, and metadata
-such as the fingerprint of the tokenizer the model was trained with; :func:`glm_ext.files.write_manifest`),
-written atomically: into a temporary directory next to the target, fsynced, then renamed into place,
-so a reader finds either the old complete checkpoint or the new one. Loading checks the files
-against the manifest (so flipped bytes, a truncated file or an edited ``config.json`` are refused,
-naming the file) and the weights' shapes against the config. Checkpoints written before manifests
-existed load unchecked.
+``GLMConfig`` fields), possibly ``tokenizer.json`` (the model's tokenizer, a ``GLMTokenizer.save``
+file, as ``glm-ext convert --tokenizer-files`` writes it) and ``manifest.json`` (the size and SHA-256
+of the other files, and metadata such as the fingerprint of the tokenizer the model was trained with;
+:func:`glm_ext.files.write_manifest`), written atomically: into a temporary directory next to the
+target, fsynced, then renamed into place, so a reader finds either the old complete checkpoint or
+the new one. Loading checks the files against the manifest (so flipped bytes, a truncated file or an
+edited ``config.json`` are refused, naming the file) and the weights' shapes against the config.
+Checkpoints written before manifests existed load unchecked.
 
 ``GLMModel``'s parameter names are the authors' keys (GLM_SPEC 3), so the translation to and from
 their layout only deals with the containers around the keys:
@@ -32,7 +33,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -49,9 +50,14 @@ from glm_ext.files import (
 )
 from glm_ext.model import GLMConfig, GLMModel
 
+if TYPE_CHECKING:
+    from glm_ext.tokenizer import GLMTokenizer
+
 __all__ = [
     "AUTHORS_WEIGHTS_FILE",
     "CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "TOKENIZER_SHA256",
     "WEIGHTS_FILE",
     "check_state_dict",
     "checkpoint_metadata",
@@ -66,6 +72,8 @@ __all__ = [
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_SHA256 = "tokenizer_sha256"  # the metadata entry naming the tokenizer the model goes with
 AUTHORS_WEIGHTS_FILE = "mp_rank_00_model_states.pt"
 AUTHORS_TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_WEIGHTS_FILE = "pytorch_model.bin"
@@ -148,7 +156,8 @@ def _check_replaceable(target: Path) -> None:
         return
     if target.is_symlink() or not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a plain directory; refusing to replace it")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE, MANIFEST_FILE))
+    own = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, MANIFEST_FILE)
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in own)
     if foreign:
         raise FileExistsError(
             f"{target} exists and holds files other than a glm_ext checkpoint ({', '.join(foreign)}); "
@@ -171,17 +180,20 @@ def save_checkpoint(
     directory: str | os.PathLike,
     *,
     config: GLMConfig | None = None,
+    tokenizer: GLMTokenizer | None = None,
     overwrite: bool = False,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``directory/model.safetensors``, ``config.json`` and ``manifest.json`` atomically.
+    """Writes ``directory/model.safetensors``, ``config.json`` (and ``tokenizer`` as
+    ``tokenizer.json``) and ``manifest.json`` atomically.
 
     ``model_or_state`` is a ``GLMModel`` or a state dict in our (= the authors') keys, then with
     its ``config``. The weights are checked against the config before anything is written. An
     existing checkpoint at ``directory`` is replaced only with ``overwrite=True``, and only once the
     new one is complete; any other existing content is never touched (FileExistsError).
-    ``metadata`` (JSON values, e.g. ``tokenizer_sha256``) goes into the manifest
-    (:func:`checkpoint_metadata`). Returns the directory.
+    ``metadata`` (JSON values) goes into the manifest (:func:`checkpoint_metadata`); its
+    ``tokenizer_sha256`` names the tokenizer the model goes with (set from ``tokenizer`` when given).
+    Returns the directory.
     """
     config, state = _config_and_state(model_or_state, config)
     check_state_dict(state, config)
@@ -193,7 +205,13 @@ def save_checkpoint(
         save_file({key: _standalone(value) for key, value in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        write_manifest(staging, [WEIGHTS_FILE, CONFIG_FILE], dict(metadata or {}))
+        names = [WEIGHTS_FILE, CONFIG_FILE]
+        metadata = dict(metadata or {})
+        if tokenizer is not None:
+            tokenizer.save(staging / TOKENIZER_FILE)
+            names.append(TOKENIZER_FILE)
+            metadata[TOKENIZER_SHA256] = tokenizer.sha256
+        write_manifest(staging, names, metadata)
     return target
 
 

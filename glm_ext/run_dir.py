@@ -41,7 +41,14 @@ from typing import Any
 
 import torch
 
-from glm_ext.checkpoint import checkpoint_metadata, is_checkpoint, load_checkpoint, save_checkpoint
+from glm_ext.checkpoint import (
+    TOKENIZER_FILE,
+    TOKENIZER_SHA256,
+    checkpoint_metadata,
+    is_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from glm_ext.files import (
     CorruptFileError,
     remove_directory,
@@ -71,7 +78,6 @@ __all__ = [
 ]
 
 CONFIG_FILE = "train_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 LATEST_FILE = "latest"
 LOCK_FILE = "train.lock"
@@ -80,7 +86,6 @@ MODEL_DIR = "model"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE)  # written atomically in the root
-TOKENIZER_SHA256 = "tokenizer_sha256"  # the model checkpoint's metadata entry
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
@@ -338,10 +343,11 @@ def check_tokenizer(model_dir: str | os.PathLike, tokenizer_sha256: str, tokeniz
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """(model checkpoint directory, the tokenizer that goes with it or None) for what a user names:
-    a run directory (its newest checkpoint), a ``checkpoints/step-N`` directory, or a checkpoint."""
+    a run directory (its newest checkpoint), a ``checkpoints/step-N`` directory, or a checkpoint
+    (with the ``tokenizer.json`` it carries, e.g. written by ``glm-ext convert --tokenizer-files``)."""
     root = Path(path)
     if is_checkpoint(root):
-        return root, None
+        return root, root / TOKENIZER_FILE if (root / TOKENIZER_FILE).is_file() else None
     if is_checkpoint(root / MODEL_DIR):
         return root / MODEL_DIR, root.parent.parent / TOKENIZER_FILE
     step_dir = RunDirectory(root).latest_checkpoint()

@@ -216,6 +216,15 @@ def test_a_damaged_manifest_is_refused(tmp_path, damage):
         load_checkpoint(target)
 
 
+def test_a_carried_tokenizer_is_covered_by_the_manifest(tmp_path):
+    tokenizer = GLMTokenizer.train(default_corpus()[:5], 300)
+    target = save_checkpoint(random_model(), tmp_path / "ckpt", tokenizer=tokenizer)
+    assert checkpoint.checkpoint_metadata(target) == {"tokenizer_sha256": tokenizer.sha256}
+    flip_byte(target / "tokenizer.json", 100)
+    with pytest.raises(ValueError, match=r"ckpt/tokenizer.json is damaged"):
+        load_checkpoint(target)
+
+
 def test_metadata_is_saved_with_the_checkpoint(tmp_path):
     target = save_checkpoint(random_model(), tmp_path / "ckpt", metadata={"tokenizer_sha256": "ab" * 32})
     assert checkpoint.checkpoint_metadata(target) == {"tokenizer_sha256": "ab" * 32}
@@ -470,8 +479,9 @@ def test_a_converted_checkpoint_with_each_tokenizer_family_generates(tmp_path, c
     for i, blank in enumerate(expected.blanks, 1):
         assert f"blank {i}: {blank.text!r}" in printed
 
-    # Converting again into the same directory replaces it; a glm_ext source passes its tokenizer on.
-    assert cli_main(argv) == 0
+    # Converting again into the same directory needs --overwrite; a glm_ext source passes its tokenizer on.
+    assert cli_main(argv) == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main([*argv, "--overwrite"]) == 0
     assert cli_main(["convert", str(out), str(tmp_path / "again")]) == 0
     assert GLMTokenizer.from_file(tmp_path / "again" / "tokenizer.json").sha256 == tokenizer.sha256
 

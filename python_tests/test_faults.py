@@ -210,7 +210,9 @@ def test_a_second_sigint_aborts_at_once(data, tmp_path, reference):
     process = start(data, run, FAULT_SLOW_STEP="0.5")
     wait_for_line(process, f"step 3/{STEPS}")
     process.send_signal(signal.SIGINT)
-    time.sleep(0.1)
+    for line in process.stderr:  # wait until the first one is being honoured
+        if "received SIGINT" in line:
+            break
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=TIMEOUT)
     assert process.returncode == 130 and "error: interrupted" in err and "Traceback" not in err, out + err

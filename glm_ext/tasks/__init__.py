@@ -1,0 +1,1 @@
+"""Finetuning and evaluation tasks (GLM_SPEC section 6)."""

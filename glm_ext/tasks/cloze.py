@@ -43,6 +43,7 @@ its Part A.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glm_ext.model import KVCache
+from glm_ext.tasks.records import Record, read_jsonl
 from glm_ext.tasks.rows import (
     GroupScores,
     Row,
@@ -68,9 +70,12 @@ from glm_ext.tasks.rows import (
 __all__ = [
     "BLANK",
     "CandidateScores",
+    "best_choice",
     "ClozeBatch",
+    "ClozeEvaluation",
     "ClozeExample",
     "ClozeResult",
+    "ClozeTask",
     "EncodedCloze",
     "SharedContextCache",
     "Text",
@@ -79,6 +84,7 @@ __all__ = [
     "cloze_forward",
     "cloze_loss",
     "encode_cloze",
+    "evaluate_cloze",
     "score_cloze",
     "score_encoded",
 ]
@@ -447,3 +453,69 @@ def score_encoded(
             if progress is not None:
                 progress(len(indices))
     return results  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks: records -> examples -> predictions -> metrics
+
+
+def best_choice(example: ClozeExample, result: ClozeResult) -> Any:
+    """The default decision: the value of the best-scoring candidate."""
+    return example.choices[result.best]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClozeTask:
+    """A cloze task: ``examples(record)`` turns one JSON record into examples (MultiRC: one per
+    answer), ``decide(example, result)`` picks the predicted label value, ``metrics(examples,
+    predictions)`` scores the labelled examples. ``multi_token`` and ``length_penalty`` as in
+    :func:`score_cloze` (the authors' settings per task)."""
+
+    name: str
+    examples: Callable[[Record], list[ClozeExample]]
+    metrics: Callable[[Sequence[ClozeExample], Sequence[Any]], dict[str, float]]
+    multi_token: bool | None = None
+    length_penalty: float = 0.0
+    decide: Callable[[ClozeExample, ClozeResult], Any] = best_choice
+
+    def read(self, path: str | os.PathLike) -> list[ClozeExample]:
+        """The examples of a JSON-lines file (errors name the file, line and field)."""
+        return [example for record in read_jsonl(path) for example in self.examples(record)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClozeEvaluation:
+    """Metrics over the labelled examples (empty when none is labelled) and every prediction."""
+
+    task: str
+    num_examples: int
+    num_labelled: int
+    metrics: dict[str, float]
+    examples: tuple[ClozeExample, ...]
+    results: tuple[ClozeResult, ...]
+    predictions: tuple[Any, ...]
+
+
+def evaluate_cloze(
+    model: nn.Module,
+    tokenizer,
+    task: ClozeTask,
+    examples: Sequence[ClozeExample],
+    *,
+    max_length: int | None = None,
+    length_penalty: float | None = None,
+    max_tokens: int = 4096,
+    share_context: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ClozeEvaluation:
+    """Scores the examples (:func:`score_cloze`; ``length_penalty`` None: the task's), decides
+    each prediction, and computes the task's metrics over the labelled examples."""
+    penalty = task.length_penalty if length_penalty is None else length_penalty
+    results = score_cloze(model, tokenizer, examples, max_length=max_length, multi_token=task.multi_token,
+                          length_penalty=penalty, max_tokens=max_tokens, share_context=share_context,
+                          progress=progress)
+    predictions = [task.decide(x, r) for x, r in zip(examples, results)]
+    labelled = [i for i, x in enumerate(examples) if x.label is not None]
+    metrics = task.metrics([examples[i] for i in labelled], [predictions[i] for i in labelled]) if labelled else {}
+    return ClozeEvaluation(task.name, len(examples), len(labelled), metrics, tuple(examples), tuple(results),
+                           tuple(predictions))

@@ -19,15 +19,15 @@ candidate answer of a cloze example, a window of a text, a continuation of an lm
 (right padding at position 0, block position 0, which no real token attends to); phase-2
 finetuning runs the same batches with gradients (:func:`pick_log_probs` is differentiable).
 
-Log-probabilities are a log-softmax over the model's whole (padded) vocabulary in float32, as the
-authors compute them; "greedy" means the token is the argmax of its logits.
+Log-probabilities are a log-softmax over the model's whole (padded) vocabulary in float32 (or the
+logits' dtype when wider), as the authors compute them; "greedy" means the token is the argmax of its logits.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from torch import nn
 __all__ = [
     "GroupScores",
     "Row",
+    "ScoredSpan",
     "ScoringBatch",
     "ScoringBatchBuilder",
     "blank_row",
@@ -44,6 +45,7 @@ __all__ = [
     "model_device",
     "pick_log_probs",
     "score_batch",
+    "score_spans",
 ]
 
 
@@ -168,13 +170,15 @@ class GroupScores:
 
 
 def pick_log_probs(logits: torch.Tensor, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities ``[N]`` in float32, is-argmax ``[N]``) of the picks, from ``logits [R, L, V]``.
+    """(log-probabilities ``[N]`` in float32 or wider, is-argmax ``[N]``) of the picks, from
+    ``logits [R, L, V]``.
 
     The log-softmax runs only at the distinct (row, index) pairs that are picked. Differentiable
     in ``logits`` (the finetuning losses use it)."""
     flat = batch.pick_row * logits.shape[1] + batch.pick_index
     places, which = torch.unique(flat, return_inverse=True)
-    rows = logits.reshape(-1, logits.shape[-1])[places].float()
+    rows = logits.reshape(-1, logits.shape[-1])[places]
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))
     log_probs = torch.log_softmax(rows, dim=-1)[which, batch.pick_token]
     is_argmax = rows.argmax(dim=-1)[which] == batch.pick_token
     return log_probs, is_argmax
@@ -235,3 +239,39 @@ def chunk_by_tokens(sizes: Sequence[tuple[int, int]], max_tokens: int) -> list[l
     if current:
         chunks.append(current)
     return chunks
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredSpan:
+    """A row and the tokens scored in it: ``tokens[i]`` is the target at index ``start + i``."""
+
+    row: Row
+    start: int
+    tokens: tuple[int, ...]
+
+
+def score_spans(
+    model: nn.Module,
+    spans: Sequence[ScoredSpan],
+    pad_id: int,
+    *,
+    max_tokens: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
+    """(summed log-probability, every token greedy) of each span, in order: the rows sorted by
+    length, batched within ``max_tokens``, run under :func:`evaluating`. ``progress(n)`` is
+    called after each batch with the number of spans it held."""
+    order = sorted(range(len(spans)), key=lambda i: -len(spans[i].row))
+    results: list[tuple[float, bool]] = [(0.0, True)] * len(spans)
+    with evaluating(model):
+        for chunk in chunk_by_tokens([(1, len(spans[i].row)) for i in order], max_tokens):
+            builder = ScoringBatchBuilder()
+            for position in chunk:
+                span = spans[order[position]]
+                builder.pick_answer(builder.add_row(span.row), span.start, span.tokens, builder.new_group())
+            scores = score_batch(model, builder.build(pad_id))
+            for group, position in enumerate(chunk):
+                results[order[position]] = (float(scores.log_prob[group]), bool(scores.greedy[group]))
+            if progress is not None:
+                progress(len(chunk))
+    return results

@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 from torch import nn
 
+from glm_ext.tasks.records import read_jsonl, read_text
 from glm_ext.tasks.rows import ScoredSpan, blank_row, score_spans
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "lambada",
     "lm_span",
     "perplexity",
+    "read_texts",
     "split_last_word",
 ]
 
@@ -98,6 +101,20 @@ def continuation_spans(
         context = list(context)[max(0, len(context) - room) :]
         spans.append(lm_span(context, continuation, special_ids, mode=mode, mask_id=mask_id, add_eos=add_eos))
     return spans
+
+
+def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """The texts of a data file: a ``.jsonl`` file gives one text per record (its ``text_field``,
+    a non-blank string), any other file is one text. Errors name the file, line and field."""
+    if os.fspath(path).endswith(".jsonl"):
+        texts = []
+        for record in read_jsonl(path):
+            text = record.field(text_field, kind=str)
+            if not text.strip():
+                raise record.error(f"field {text_field!r} is empty")
+            texts.append(text)
+        return texts
+    return [read_text(path)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,9 @@ import torch
 pytest.importorskip("lm_eval")
 
 from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.registry import get_model  # noqa: E402
+
+import glm_ext.harness  # noqa: E402
 
 from glm_ext.checkpoint import save_checkpoint  # noqa: E402
 from glm_ext.harness import GLMExtLM, lm_eval_argv  # noqa: E402
@@ -96,14 +100,22 @@ def test_constructor_errors(tokenizer):
     assert lm_eval_argv(["--model", "hf"]) == ["run", "--model", "hf"]
 
 
+def test_registration_survives_running_the_module_as_a_script():
+    # ``python -m glm_ext.harness`` executes the file once more as ``__main__``: registering the
+    # name again must not collide, and the name must still give the importable class.
+    runpy.run_path(glm_ext.harness.__file__, run_name="glm_ext_harness_as_script")
+    assert get_model("glm_ext") is GLMExtLM
+
+
+# ``glm-ext evaluate harness`` in a process where any network connection raises.
 NO_NETWORK = textwrap.dedent("""
-    import runpy, socket, sys
+    import socket, sys
     def refuse(*args, **kwargs):
         raise RuntimeError("network access attempted")
     socket.socket.connect = refuse
     socket.create_connection = refuse
-    sys.argv = ["glm_ext.harness", *sys.argv[1:]]
-    runpy.run_module("glm_ext.harness", run_name="__main__")
+    from glm_ext.cli import main
+    sys.exit(main(["evaluate", "harness", *sys.argv[1:]]))
 """)
 
 
@@ -124,7 +136,7 @@ def write_tasks(directory: Path, data: Path) -> None:
         "metric_list:\n  - metric: exact_match\n")
 
 
-def test_lm_eval_runs_offline_on_a_local_task(tokenizer, tmp_path):
+def test_glm_ext_evaluate_harness_runs_lm_eval_offline_on_local_tasks(tokenizer, tmp_path):
     model = random_model(tokenizer).float()
     save_checkpoint(model, tmp_path / "model")
     tokenizer.save(tmp_path / "tokenizer.json")
@@ -136,8 +148,7 @@ def test_lm_eval_runs_offline_on_a_local_task(tokenizer, tmp_path):
                HF_DATASETS_CACHE=str(tmp_path / "hf-cache"), HF_HOME=str(tmp_path / "hf-home"),
                TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     out = tmp_path / "results"
-    command = [sys.executable, "-c", NO_NETWORK, "--model_args",
-               f"path={tmp_path / 'model'},tokenizer={tmp_path / 'tokenizer.json'}", "--device", "cpu",
+    command = [sys.executable, "-c", NO_NETWORK, str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tokenizer.json"),
                "--tasks", "glm_ext_tiny_ll,glm_ext_tiny_rolling,glm_ext_tiny_generate",
                "--include_path", str(tmp_path), "--output_path", str(out), "--log_samples"]
     done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -79,6 +79,7 @@ class GLMExtLM(LM):
         self.model = model
         self.tokenizer = tokenizer
         self.mode = mode
+        self.mask = mask
         self.mask_id = tokenizer.token_to_id(mask)
         self.max_tokens = int(max_tokens)
         self.max_length = model.config.max_sequence_length
@@ -104,7 +105,7 @@ class GLMExtLM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         documents = [self.tokenizer.encode(request.args[0]) for request in requests]
         totals = document_log_likelihoods(self.model, self.tokenizer, documents, mode=self.mode,
-                                          mask_token=self.tokenizer.decode([self.mask_id]), score_first_token=True,
+                                          mask_token=self.mask, score_first_token=True,
                                           max_tokens=self.max_tokens)
         results = [log_likelihood for log_likelihood, _ in totals]
         for request, result in zip(requests, results):

@@ -91,10 +91,13 @@ __all__ = [
 
 
 class _Blank:
-    """The blank of a pattern (encoded as ``[MASK]``)."""
+    """The blank of a pattern (encoded as ``[MASK]``); one instance, :data:`BLANK`."""
 
     def __repr__(self) -> str:
         return "BLANK"
+
+    def __reduce__(self) -> str:
+        return "BLANK"  # unpickles (e.g. in DataLoader workers) as the module's BLANK
 
 
 BLANK = _Blank()

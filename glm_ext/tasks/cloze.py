@@ -34,8 +34,8 @@ row. :func:`score_encoded` therefore has two layouts, with the same scores:
   candidate pass cannot mix examples: Part A padding before Part B would be visible to Part B.
 
 ``benchmarks/bench_cloze.py`` measures both: the per-example passes cost more than one batched
-pass when candidates are few (COPA-like: 1.8x slower), and far less when many candidates share a
-long context (ReCoRD-like: 13x fewer tokens, 13x faster on the CPU). By default each multi-token
+pass when candidates are few (COPA-like: 1.3x slower), and far less when many candidates share a
+long context (ReCoRD-like: 13.5x fewer tokens, 14x faster on the CPU). By default each multi-token
 example whose separate rows would run at least ``SHARE_CONTEXT_RATIO`` times the tokens shares
 its Part A.
 """

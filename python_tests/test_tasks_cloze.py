@@ -396,4 +396,7 @@ def test_evaluate_cloze_metrics_follow_the_scores(tmp_path, tokenizer):
     accuracy = 100 * sum(p == g for p, g in zip(predictions, gold)) / 7
     assert evaluation.num_examples == 8 and evaluation.num_labelled == 7
     assert evaluation.metrics["accuracy"] == pytest.approx(accuracy)
-    assert not math.isnan(evaluation.metrics["f1_macro"])
+    assert not math.isnan(evaluation.metrics["f1_macro"]) and evaluation.num_truncated == 0
+    lengths = [encode_cloze(tokenizer, x, max_length=128).row_length for x in examples]
+    short = evaluate_cloze(model, tokenizer, task, examples, max_length=min(lengths))
+    assert short.num_truncated == sum(length > min(lengths) for length in lengths) > 0

@@ -118,7 +118,8 @@ def run_cloze(args: argparse.Namespace) -> int:
     evaluation = evaluate_cloze(model, tokenizer, task, examples, max_length=args.max_length,
                                 length_penalty=args.length_penalty, max_tokens=args.max_tokens,
                                 share_context=SHARE_CONTEXT[args.share_context])
-    print(f"{task.name} on {args.data}: {evaluation.num_examples} examples, {evaluation.num_labelled} labelled")
+    cut = f", {evaluation.num_truncated} cut to fit" if evaluation.num_truncated else ""
+    print(f"{task.name} on {args.data}: {evaluation.num_examples} examples, {evaluation.num_labelled} labelled{cut}")
     _print_metrics(evaluation.metrics)
     if args.predictions:
         from glm_ext.files import write_file_atomically
@@ -133,7 +134,8 @@ def run_cloze(args: argparse.Namespace) -> int:
         _write_json(args.output, {
             "evaluation": "cloze", "task": task.name, "pattern_id": args.pattern_id, "data": args.data,
             "model": args.model, "num_examples": evaluation.num_examples,
-            "num_labelled": evaluation.num_labelled, "metrics": evaluation.metrics,
+            "num_labelled": evaluation.num_labelled, "num_truncated": evaluation.num_truncated,
+            "metrics": evaluation.metrics,
         })
     return 0
 

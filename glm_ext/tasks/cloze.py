@@ -355,6 +355,10 @@ class SharedContextCache(KVCache):
         self._row, self._row_length, self.length = row, length, length
 
 
+#: See :func:`_shares_context` and benchmarks/bench_cloze.py.
+SHARE_CONTEXT_RATIO = 3
+
+
 def _shares_context(example: EncodedCloze, share_context: bool | None) -> bool:
     """Whether an example's candidates are scored over one encoding of its Part A: always / never
     when ``share_context`` says so, else (None) for multi-token examples whose one-row-per-candidate
@@ -369,15 +373,14 @@ def _shares_context(example: EncodedCloze, share_context: bool | None) -> bool:
     return rows_tokens >= SHARE_CONTEXT_RATIO * shared_tokens
 
 
-SHARE_CONTEXT_RATIO = 3
-
-
 @dataclasses.dataclass(frozen=True)
 class ClozeResult:
-    """One example scored: per candidate the score and whether it is the greedy decoding."""
+    """One example scored: per candidate the score and whether it is the greedy decoding;
+    ``truncated``: its inputs were cut to fit ``max_length``."""
 
     scores: tuple[float, ...]
     greedy: tuple[bool, ...]
+    truncated: bool = False
 
     @property
     def best(self) -> int:
@@ -394,7 +397,6 @@ def score_cloze(
     length_penalty: float = 0.0,
     max_tokens: int = 4096,
     share_context: bool | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> list[ClozeResult]:
     """Scores every candidate of every example (evaluation; the model's mode is restored).
 
@@ -403,7 +405,7 @@ def score_cloze(
     max_length = max_length or model.config.max_sequence_length
     encoded = [encode_cloze(tokenizer, x, max_length=max_length, multi_token=multi_token) for x in examples]
     return score_encoded(model, encoded, tokenizer.special_ids, length_penalty=length_penalty,
-                         max_tokens=max_tokens, share_context=share_context, progress=progress)
+                         max_tokens=max_tokens, share_context=share_context)
 
 
 def score_encoded(
@@ -414,13 +416,12 @@ def score_encoded(
     length_penalty: float = 0.0,
     max_tokens: int = 4096,
     share_context: bool | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> list[ClozeResult]:
     """Scores encoded examples. ``max_tokens`` bounds a batch (rows x padded length; examples are
     sorted by length and an example's rows stay together). ``share_context``: encode Part A once
     per example and share it across the candidates (True), use the authors' one row per candidate
     (False), or decide per example by token count (None, :func:`_shares_context`); the scores
-    are the same. ``progress(n)`` is called after each batch with the number of examples it held."""
+    are the same."""
     order = sorted(range(len(encoded)), key=lambda i: -encoded[i].row_length)
     shared = [i for i in order if _shares_context(encoded[i], share_context)]
     separate = [i for i in order if not _shares_context(encoded[i], share_context)]
@@ -428,7 +429,8 @@ def score_encoded(
 
     def store(index: int, scored: CandidateScores, row: int) -> None:
         n = len(encoded[index].answers)
-        results[index] = ClozeResult(tuple(scored.scores[row, :n].tolist()), tuple(scored.greedy[row, :n].tolist()))
+        results[index] = ClozeResult(tuple(scored.scores[row, :n].tolist()), tuple(scored.greedy[row, :n].tolist()),
+                                     encoded[index].truncated)
 
     with evaluating(model):
         sizes = [(encoded[i].num_rows, encoded[i].row_length) for i in separate]
@@ -438,8 +440,6 @@ def score_encoded(
             scored = candidate_scores(score_batch(model, batch.scoring), batch, length_penalty)
             for row, index in enumerate(indices):
                 store(index, scored, row)
-            if progress is not None:
-                progress(len(indices))
         for chunk in chunk_by_tokens([(1, len(encoded[i].part_a)) for i in shared], max_tokens):
             indices = [shared[i] for i in chunk]
             cache = SharedContextCache()
@@ -453,8 +453,6 @@ def score_encoded(
                 cache.select(row, len(encoded[index].part_a))
                 store(index, candidate_scores(score_batch(model, batch.scoring, kv_cache=cache), batch,
                                               length_penalty), 0)
-            if progress is not None:
-                progress(len(indices))
     return results  # type: ignore[return-value]
 
 
@@ -498,6 +496,11 @@ class ClozeEvaluation:
     results: tuple[ClozeResult, ...]
     predictions: tuple[Any, ...]
 
+    @property
+    def num_truncated(self) -> int:
+        """Examples whose inputs were cut to fit (the authors count them too)."""
+        return sum(result.truncated for result in self.results)
+
 
 def evaluate_cloze(
     model: nn.Module,
@@ -509,14 +512,12 @@ def evaluate_cloze(
     length_penalty: float | None = None,
     max_tokens: int = 4096,
     share_context: bool | None = None,
-    progress: Callable[[int], None] | None = None,
 ) -> ClozeEvaluation:
     """Scores the examples (:func:`score_cloze`; ``length_penalty`` None: the task's), decides
     each prediction, and computes the task's metrics over the labelled examples."""
     penalty = task.length_penalty if length_penalty is None else length_penalty
     results = score_cloze(model, tokenizer, examples, max_length=max_length, multi_token=task.multi_token,
-                          length_penalty=penalty, max_tokens=max_tokens, share_context=share_context,
-                          progress=progress)
+                          length_penalty=penalty, max_tokens=max_tokens, share_context=share_context)
     predictions = [task.decide(x, r) for x, r in zip(examples, results)]
     labelled = [i for i, x in enumerate(examples) if x.label is not None]
     metrics = task.metrics([examples[i] for i in labelled], [predictions[i] for i in labelled]) if labelled else {}

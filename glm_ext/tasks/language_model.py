@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from torch import nn
@@ -178,7 +178,6 @@ def document_log_likelihoods(
     mask_token: str = "[MASK]",
     score_first_token: bool = False,
     max_tokens: int = 4096,
-    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[float, int]]:
     """(log-likelihood, scored tokens) of each tokenised document (module docstring);
     ``window`` defaults to the model's ``max_sequence_length`` - 2, ``stride`` to half of it."""
@@ -193,8 +192,8 @@ def document_log_likelihoods(
                                  mask_id=mask_id, add_eos=False))
             owners.append(d)
     totals = [[0.0, 0] for _ in documents]
-    for owner, span, (log_prob, _) in zip(owners, spans, score_spans(model, spans, special.eos,
-                                                                     max_tokens=max_tokens, progress=progress)):
+    scores = score_spans(model, spans, special.eos, max_tokens=max_tokens)
+    for owner, span, (log_prob, _) in zip(owners, spans, scores):
         totals[owner][0] += log_prob
         totals[owner][1] += len(span.tokens)
     return [(ll, n) for ll, n in totals]
@@ -246,7 +245,6 @@ def lambada(
     mask_token: str = "[MASK]",
     max_length: int | None = None,
     max_tokens: int = 4096,
-    progress: Callable[[int], None] | None = None,
 ) -> LambadaResult:
     """Last-word accuracy over ``texts`` (module docstring); ``max_length`` defaults to the
     model's ``max_sequence_length``."""
@@ -256,5 +254,5 @@ def lambada(
         pairs.append((tokenizer.encode(context), tokenizer.encode(word)))
     spans = continuation_spans(pairs, tokenizer.special_ids, mode=mode, mask_id=tokenizer.token_to_id(mask_token),
                                max_length=max_length or model.config.max_sequence_length, add_eos=True)
-    scores = score_spans(model, spans, tokenizer.special_ids.eos, max_tokens=max_tokens, progress=progress)
+    scores = score_spans(model, spans, tokenizer.special_ids.eos, max_tokens=max_tokens)
     return LambadaResult(tuple(greedy for _, greedy in scores), tuple(lp for lp, _ in scores))

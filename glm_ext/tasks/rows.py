@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -256,11 +256,9 @@ def score_spans(
     pad_id: int,
     *,
     max_tokens: int = 4096,
-    progress: Callable[[int], None] | None = None,
 ) -> list[tuple[float, bool]]:
     """(summed log-probability, every token greedy) of each span, in order: the rows sorted by
-    length, batched within ``max_tokens``, run under :func:`evaluating`. ``progress(n)`` is
-    called after each batch with the number of spans it held."""
+    length, batched within ``max_tokens``, run under :func:`evaluating`."""
     order = sorted(range(len(spans)), key=lambda i: -len(spans[i].row))
     results: list[tuple[float, bool]] = [(0.0, True)] * len(spans)
     with evaluating(model):
@@ -272,6 +270,4 @@ def score_spans(
             scores = score_batch(model, builder.build(pad_id))
             for group, position in enumerate(chunk):
                 results[order[position]] = (float(scores.log_prob[group]), bool(scores.greedy[group]))
-            if progress is not None:
-                progress(len(chunk))
     return results

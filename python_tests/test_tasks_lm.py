@@ -20,6 +20,7 @@ from glm_ext.tasks.language_model import (
 )
 from glm_ext.tasks.seq2seq import (
     collate_seq2seq,
+    extraction_source,
     inference_row,
     question_generation_source,
     seq2seq_loss,
@@ -214,6 +215,18 @@ def test_question_generation_layout_centres_long_contexts_on_the_answer(tokenize
     long_context = TEXT + " " + TEXT + " The zqxvw is here."
     cut = question_generation_source(tokenizer, long_context, "zqxvw", source_length=20)
     assert len(cut) == 20 and tokenizer.encode(" zqxvw")[0] in cut
+
+
+def test_extraction_layout(tokenizer):
+    special = tokenizer.special_ids
+    source = extraction_source(tokenizer, "Which loop?", "The while statement is used for repeated execution.",
+                               source_length=14)
+    question = tokenizer.encode(" Which loop?")
+    context = tokenizer.encode(" The while statement is used for repeated execution.")
+    room = 14 - len(question) - 3
+    assert source == [special.cls, *question, special.mask, *tokenizer.encode("."), *context[:room]]
+    with pytest.raises(ValueError, match="no room"):
+        extraction_source(tokenizer, TEXT, "x", source_length=8)
 
 
 def test_seq2seq_loss_covers_part_b_only_and_smooths_labels(tokenizer):

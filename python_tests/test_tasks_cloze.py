@@ -400,3 +400,42 @@ def test_evaluate_cloze_metrics_follow_the_scores(tmp_path, tokenizer):
     lengths = [encode_cloze(tokenizer, x, max_length=128).row_length for x in examples]
     short = evaluate_cloze(model, tokenizer, task, examples, max_length=min(lengths))
     assert short.num_truncated == sum(length > min(lengths) for length in lengths) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics (percentages), by hand and against scikit-learn where it is installed
+
+
+def test_metrics_by_hand():
+    from glm_ext.tasks.metrics import (accuracy, f1, macro_f1, multirc_exact_match, normalize_answer,
+                                       squad_exact_match, squad_f1)
+
+    gold = ["a", "b", "c", "a", "b"]
+    predicted = ["a", "b", "b", "c", "b"]
+    assert accuracy(predicted, gold) == pytest.approx(60.0)
+    # a: P 1/1 R 1/2 -> 2/3; b: P 2/3 R 2/2 -> 4/5; c: P 0 -> 0
+    assert macro_f1(predicted, gold) == pytest.approx(100 * (2 / 3 + 4 / 5 + 0) / 3)
+    # positive 1: TP 1, predicted 2, actual 3 -> P 1/2, R 1/3 -> F1 0.4
+    assert f1([1, 1, 0, 0], [1, 0, 1, 1]) == pytest.approx(40.0)
+    assert f1([0, 0], [0, 0]) == 0.0
+    # question q1: both right; q2: one wrong -> EM 50
+    assert multirc_exact_match([1, 0, 1, 1], [1, 0, 1, 0], ["q1", "q1", "q2", "q2"]) == pytest.approx(50.0)
+    assert normalize_answer("The  Café, in Paris!") == "cafe in paris"
+    assert squad_exact_match(["the Paris", "Rome"], [["Paris", "Lyon"], ["Milan"]]) == pytest.approx(50.0)
+    # "big red car" vs "red car": P 2/3 R 1 -> 0.8; vs "a blue car": P 1/3 R 1/2 -> 0.4 (best: 0.8)
+    assert squad_f1(["big red car"], [["red car", "a blue car"]]) == pytest.approx(80.0)
+    with pytest.raises(ValueError, match="at least one labelled"):
+        accuracy([], [])
+
+
+def test_metrics_agree_with_scikit_learn():
+    metrics = pytest.importorskip("sklearn.metrics")
+    from glm_ext.tasks.metrics import f1, macro_f1
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        gold = torch.randint(0, 3, (30,), generator=generator).tolist()
+        predicted = torch.randint(0, 3, (30,), generator=generator).tolist()
+        assert macro_f1(predicted, gold) == pytest.approx(100 * metrics.f1_score(gold, predicted, average="macro"))
+        binary_gold, binary_predicted = [g % 2 for g in gold], [p % 2 for p in predicted]
+        assert f1(binary_predicted, binary_gold) == pytest.approx(100 * metrics.f1_score(binary_gold, binary_predicted))

@@ -182,7 +182,9 @@ def apply_ddp(model: nn.Module, device: torch.device | str) -> DistributedDataPa
     return DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device])
 
 
-def apply_fsdp(model: nn.Module, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True
+) -> nn.Module:
     """``model`` (a GLMModel) sharded in place with FSDP2: each transformer layer is one unit, the
     root (embeddings, final LayerNorm) another. Gradients are averaged over ranks.
 
@@ -317,12 +319,13 @@ def save_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, dir
     """Writes the optimizer's state into ``directory`` with ``torch.distributed.checkpoint``: each
     rank writes its own shard (FSDP2) or, for replicated state (DDP), rank 0 writes it once. A
     collective: every rank calls it with the same directory (on a file system all ranks share)."""
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=Path(directory))
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=Path(directory), no_dist=not dist.is_initialized())
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """Reads what :func:`save_optimizer_state` wrote, resharded for this world size and wrapper
     (a collective)."""
     state: dict[str, Any] = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=Path(directory))
+    dcp.load(state, checkpoint_id=Path(directory), no_dist=not dist.is_initialized())
     set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import glm_ext
 from glm_ext import ops, reference
 
 __all__ = [
@@ -181,10 +182,11 @@ class GLMConfig:
 # their PTX instructions but have not yet passed their tests on a GPU. Until they do, "auto" keeps
 # CUDA on SDPA; set this to True once python_tests/test_attention.py passes on a GPU.
 FUSED_ATTENTION_CUDA_VERIFIED = False
-FUSED_ATTENTION_CUDA_PENDING = "the CUDA kernel of mixed_mask_attention has not yet passed its tests on a GPU"
+FUSED_ATTENTION_CUDA_PENDING = "the CUDA kernel of mixed_mask_attention has not passed its tests on a GPU yet"
 FUSED_ATTENTION_CUDA_DTYPES = (torch.float16, torch.bfloat16)
 FUSED_ATTENTION_CUDA_HEAD_DIMS = (64, 128)
 FUSED_ATTENTION_CPU_MAX_HEAD_DIM = 256
+EXTENSION_HAS_CUDA_KERNELS = bool(glm_ext.build_info()["cuda"])
 
 
 @dataclass(frozen=True)
@@ -227,9 +229,13 @@ def choose_attention_backend(
     if device_type == "cuda":
         if not FUSED_ATTENTION_CUDA_VERIFIED:
             return AttentionChoice("sdpa", FUSED_ATTENTION_CUDA_PENDING)
+        if not EXTENSION_HAS_CUDA_KERNELS:
+            return AttentionChoice("sdpa", "the extension was built without CUDA kernels")
         if dtype in FUSED_ATTENTION_CUDA_DTYPES and head_dim in FUSED_ATTENTION_CUDA_HEAD_DIMS:
             return AttentionChoice("fused", "the CUDA kernel supports fp16/bf16 with head_dim 64 or 128")
-        return AttentionChoice("sdpa", f"the CUDA kernel needs fp16/bf16 and head_dim 64 or 128, got {dtype}, {head_dim}")
+        return AttentionChoice(
+            "sdpa", f"the CUDA kernel needs fp16/bf16 and head_dim 64 or 128, got {dtype} and {head_dim}"
+        )
     return AttentionChoice("sdpa", f"no fused kernel for {device_type} devices")
 
 
@@ -474,8 +480,9 @@ class GLMModel(nn.Module):
     """GLM: ``model(input_ids, position_ids, sep) -> logits`` (see the module docstring for shapes).
 
     ``attention_backend`` / ``embedding_backend`` may be changed on a built model (same weights);
-    :meth:`backends` says what a forward pass resolves them to. ``activation_checkpointing`` recomputes each layer in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant) whenever gradients are recorded. Works under
+    :meth:`backends` says what a forward pass resolves them to. ``activation_checkpointing``
+    recomputes each layer in the backward pass (``torch.utils.checkpoint``, non-reentrant; dropout
+    masks are recomputed identically) whenever gradients are recorded. Works under
     ``torch.autocast`` (bf16) and ``torch.compile``; input values are checked in eager mode only.
     """
 

@@ -612,6 +612,9 @@ def test_auto_attention_backend_decisions(monkeypatch):
     )
     assert choice == model_module.AttentionChoice("sdpa", model_module.FUSED_ATTENTION_CUDA_PENDING)
     monkeypatch.setattr(model_module, "FUSED_ATTENTION_CUDA_VERIFIED", True)
+    monkeypatch.setattr(model_module, "EXTENSION_HAS_CUDA_KERNELS", False)
+    assert choose(device_type="cuda", dtype=torch.bfloat16, head_dim=64) == "sdpa"
+    monkeypatch.setattr(model_module, "EXTENSION_HAS_CUDA_KERNELS", True)
     for dtype in (torch.bfloat16, torch.float16):
         for head_dim in (64, 128):
             assert choose(device_type="cuda", dtype=dtype, head_dim=head_dim) == "fused"

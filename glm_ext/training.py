@@ -7,7 +7,9 @@ over a token file (``[CLS]`` + the next tokens of the shuffled documents), made 
 blank-infilling rows by :class:`~glm_ext.data.BlankInfillingCollator` (GLM_SPEC section 1).
 
 The run directory (``TrainConfig.output_dir``) is laid out and written by :mod:`glm_ext.run_dir`:
-checkpoints appear atomically, so a crash at any point leaves the previous checkpoint intact.
+checkpoints appear atomically, so a crash at any point leaves the previous checkpoint intact, and
+one trainer at a time holds the directory (:meth:`~glm_ext.run_dir.RunDirectory.lock`). SIGINT and
+SIGTERM stop :meth:`Trainer.fit` after the current step with a checkpoint (:mod:`glm_ext.stopping`).
 Resuming restores everything that decides the next
 steps: a run of N steps and a run of k steps resumed for N - k more give the same weights.
 """
@@ -26,11 +28,11 @@ from typing import Any
 
 import torch
 
-from glm_ext.checkpoint import load_checkpoint, save_checkpoint
-from glm_ext.files import write_file_atomically
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
+from glm_ext.devices import resolve_device
 from glm_ext.model import GLMConfig, GLMModel, lm_loss
-from glm_ext.run_dir import CONFIG_FILE, MODEL_DIR, STATE_FILE, TOKENIZER_FILE, RunDirectory
+from glm_ext.run_dir import CONFIG_FILE, MODEL_DIR, TOKENIZER_FILE, RunDirectory, check_tokenizer
+from glm_ext.stopping import StopSignals
 from glm_ext.tokenizer import GLMTokenizer
 
 __all__ = [
@@ -113,10 +115,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too (it compares false, e.g. a NaN grad_clip never clips)
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPES:
@@ -142,15 +144,6 @@ def lr_at(step: int, *, lr: float, warmup: int, total_steps: int, min_lr: float)
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA when a GPU is visible and the extension was built with CUDA kernels."""
-    if device != "auto":
-        return torch.device(device)
-    import glm_ext
-
-    return torch.device("cuda" if torch.cuda.is_available() and glm_ext.build_info()["cuda"] else "cpu")
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -190,6 +183,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.param_dtype, self.autocast_dtype = _resolve_dtype(config.dtype, self.device)
         self.run_dir = RunDirectory(config.output_dir)
+        self.run_dir.check_writable()
         self.tokenizer = GLMTokenizer.from_file(config.tokenizer)
         self.collator = self.build_collator(config.seed)
         self.train_file = self.open_token_file(config.train_data)
@@ -201,6 +195,7 @@ class Trainer:
         self.optimizer = self.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
+        self.saved_step: int | None = None  # the step of the checkpoint that holds the current state
         self.history: list[dict[str, float]] = []  # per step: loss, lr, grad_norm
         self._pending: list[tuple[torch.Tensor, float]] = []  # ([loss, grad norm] on the device, lr)
         self._log_window: list[dict[str, float]] = []  # history entries not logged yet
@@ -384,13 +379,12 @@ class Trainer:
         """Writes ``checkpoints/step-N`` (model and trainer state) atomically, then points
         ``latest`` at it and removes checkpoints beyond the newest ``keep_checkpoints``."""
         state = self.state_dict()
-        self._write_run_files()
-
-        def write(directory: Path) -> None:
-            save_checkpoint(self.model, directory / MODEL_DIR)
-            write_file_atomically(directory / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
-
-        return self.run_dir.save_checkpoint(self.step, write, keep=self.config.keep_checkpoints)
+        with self.run_dir.lock():
+            self._write_run_files()
+            path = self.run_dir.save_checkpoint(self.step, self.model, state, keep=self.config.keep_checkpoints,
+                                                tokenizer_sha256=self.tokenizer.sha256)
+        self.saved_step = self.step
+        return path
 
     def _write_run_files(self) -> None:
         self.run_dir.write_text(CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -400,19 +394,25 @@ class Trainer:
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
         """Continues from ``checkpoint`` (a ``checkpoints/step-N`` directory), by default the newest
-        one of ``output_dir``. Returns False when there is none to resume from."""
-        path = Path(checkpoint) if checkpoint is not None else self.run_dir.latest_checkpoint()
-        if path is None:
+        intact one of ``output_dir`` (:meth:`~glm_ext.run_dir.RunDirectory.load_newest_checkpoint`).
+        Returns False when there is none to resume from."""
+        with self.run_dir.lock():
+            if checkpoint is None:
+                found = self.run_dir.load_newest_checkpoint()
+            else:
+                found = (Path(checkpoint), *self.run_dir.load_checkpoint(Path(checkpoint)))
+        if found is None:
             return False
-        saved = load_checkpoint(path / MODEL_DIR)
+        path, saved, state = found
         if saved.config != self.model.config:
             raise ValueError(
                 f"cannot resume: {path} holds a model of {saved.config}, this run builds {self.model.config}"
             )
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        check_tokenizer(path / MODEL_DIR, self.tokenizer.sha256, self.config.tokenizer)
         self.load_state_dict(state)
         with torch.no_grad():
             self.model.load_state_dict(saved.state_dict())
+        self.saved_step = self.step
         return True
 
     # ----- the loop -----------------------------------------------------------------------------
@@ -435,14 +435,24 @@ class Trainer:
         )
         self._window_start = (time.perf_counter(), self.tokens_seen)
 
-    def fit(self, *, evaluate_first: bool = True) -> dict[str, Any]:
+    def fit(self, *, evaluate_first: bool = True, stop: StopSignals | None = None) -> dict[str, Any]:
         """Trains until ``config.steps`` (from the current step: 0, or where :meth:`resume` left),
-        logging, evaluating and saving as configured; the end always saves and evaluates.
+        logging, evaluating and saving as configured; the end always saves and evaluates. Holds the
+        run directory's lock throughout.
+
+        ``stop`` (default: a :class:`~glm_ext.stopping.StopSignals` installed for the call) is asked
+        before every step; when it says stop, the run saves and returns at once (no evaluation).
 
         Returns a summary: ``step``, ``eval_loss_before`` (when evaluated first), ``eval_loss``,
         ``train_loss`` (mean of the last logging window), ``seconds``, ``tokens_per_second``,
-        ``checkpoint``.
+        ``checkpoint``, ``stopped`` (whether a stop was requested).
         """
+        with self.run_dir.lock(), contextlib.ExitStack() as stack:
+            stop = stop or stack.enter_context(StopSignals())
+            self._write_run_files()  # at once: a damaged copy is repaired even when no step is left to do
+            return self._fit(evaluate_first, stop)
+
+    def _fit(self, evaluate_first: bool, stop: StopSignals) -> dict[str, Any]:
         c = self.config
         summary: dict[str, Any] = {"start_step": self.step}
         if evaluate_first and self.eval_file is not None:
@@ -452,7 +462,7 @@ class Trainer:
         self._window_start = (start, self.tokens_seen)
         self._log_window = []
         window = max(1, c.log_every)
-        while self.step < c.steps:
+        while self.step < c.steps and not stop.requested():
             self.train_step(self.next_batch())
             if (c.log_every and self.step % c.log_every == 0) or self.step == c.steps:
                 self._log_progress()
@@ -460,13 +470,16 @@ class Trainer:
                 self.log(f"held-out loss at step {self.step}: {self.evaluate():.4f}")
             if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
                 self.log(f"saved {self.save()}")
+        summary["stopped"] = stop.requested()
         self._flush_pending()
         seconds = time.perf_counter() - start
-        if self.step > summary["start_step"] or self.run_dir.latest_checkpoint() is None:
+        if self.saved_step != self.step:
             summary["checkpoint"] = self.save()
             self.log(f"saved {summary['checkpoint']}")
         else:
-            summary["checkpoint"] = self.run_dir.latest_checkpoint()
+            summary["checkpoint"] = self.run_dir.checkpoint_dir(self.step)
+        if summary["stopped"]:
+            self.log(f"stopped at step {self.step} as asked: run the same command again to resume")
         recent = [e["loss"] for e in self.history[-window:]]
         summary.update(
             step=self.step,
@@ -474,7 +487,7 @@ class Trainer:
             seconds=seconds,
             tokens_per_second=(self.tokens_seen - tokens_then) / max(seconds, 1e-9),
         )
-        if self.eval_file is not None:
+        if self.eval_file is not None and not summary["stopped"]:
             summary["eval_loss"] = loss = self.evaluate()
             self.log(f"held-out loss at step {self.step}: {loss:.4f}")
         return summary

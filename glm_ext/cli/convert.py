@@ -19,6 +19,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint to read")
     parser.add_argument("dst", metavar="DST", help="directory (--to ours) or file (--to authors) to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DST (by default an existing output is never overwritten)")
     parser.add_argument("--to", choices=("ours", "authors"), default="ours",
                         help="ours: model.safetensors + config.json; authors: mp_rank_00_model_states.pt "
                              "(default: ours)")
@@ -50,6 +52,20 @@ def _source_config(args: argparse.Namespace):
         return GLMConfig.from_dict(json.load(f))
 
 
+def _check_destination(args: argparse.Namespace) -> None:
+    """Refuses an existing DST before the (possibly long) conversion starts; the writers check again."""
+    from glm_ext.checkpoint import AUTHORS_WEIGHTS_FILE
+
+    target = Path(args.dst)
+    if args.to == "authors" and target.is_dir():
+        target = target / AUTHORS_WEIGHTS_FILE
+    if args.overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if args.to == "ours" and target.is_dir() and not any(target.iterdir()):
+        return  # an empty directory holds nothing to lose
+    raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
+
+
 def _tokenizer(args: argparse.Namespace, ours: bool):
     """The tokenizer DST carries: built from --tokenizer-files, or the one a glm_ext SRC carries, or None."""
     from glm_ext.checkpoint import TOKENIZER_FILE
@@ -72,6 +88,7 @@ def _tokenizer(args: argparse.Namespace, ours: bool):
 def run(args: argparse.Namespace) -> int:
     from glm_ext import checkpoint
 
+    _check_destination(args)
     ours = checkpoint.is_checkpoint(args.src)
     if ours and (args.preset or args.config):
         return error(f"{args.src} is a glm_ext checkpoint with its own config.json; drop --preset/--config", 2)
@@ -89,9 +106,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer_files:
         tokenizer.check_embedding_rows(model.config.vocab_size)
     if args.to == "ours":
-        written = checkpoint.save_checkpoint(model, args.dst, tokenizer=tokenizer)
+        written = checkpoint.save_checkpoint(model, args.dst, tokenizer=tokenizer, overwrite=args.overwrite)
     else:
-        written = checkpoint.save_authors_checkpoint(model, args.dst)
+        written = checkpoint.save_authors_checkpoint(model, args.dst, overwrite=args.overwrite)
     layouts = {True: "glm_ext checkpoint", False: "authors' layout"}
     parameters = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} ({layouts[ours]}) -> {written} ({layouts[args.to == 'ours']}): "

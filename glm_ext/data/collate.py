@@ -16,7 +16,7 @@ from glm_ext.data.blank_infilling import BlankInfillingBatch, BlankInfillingConf
 class BlankInfillingCollator:
     """A ``collate_fn`` turning token rows into :class:`BlankInfillingBatch` es of fixed width.
 
-    Rows are 1-D token sequences in the authors' format (``[CLS]`` then text; documents end with
+    Rows are 1-D integer token sequences in the authors' format (``[CLS]`` then text; documents end with
     ``<eos>``), at most :attr:`input_length` long: the longest row whose blank-infilling row always
     fits in ``max_length`` (each span adds two tokens). Every batch is ``max_length`` wide, so
     shapes stay static for ``torch.compile`` and CUDA graphs.
@@ -52,7 +52,13 @@ class BlankInfillingCollator:
             raise ValueError("cannot collate an empty list of rows")
         if first_row < 0:
             raise ValueError(f"first_row must be non-negative, got {first_row}")
-        tensors = [torch.as_tensor(np.asarray(row), dtype=torch.int64).reshape(-1) for row in rows]
+        arrays = [np.asarray(row) for row in rows]
+        not_ids = [i for i, a in enumerate(arrays) if a.size and a.dtype.kind not in "iu"]
+        if not_ids:  # casting would truncate 3.7 to 3 without a word
+            raise TypeError(
+                f"rows must hold integer token ids; rows {not_ids[:5]} hold {arrays[not_ids[0]].dtype} values"
+            )
+        tensors = [torch.as_tensor(a, dtype=torch.int64).reshape(-1) for a in arrays]
         too_long = [i for i, t in enumerate(tensors) if len(t) > self.input_length]
         if too_long:
             raise ValueError(

@@ -5,7 +5,9 @@ A run directory (``TrainConfig.output_dir``, what ``glm-ext generate/plot RUN_DI
     train.lock                        locked (flock) by the trainer at work, holds its pid
     train_config.json                 the configuration of the run (TrainConfig)
     tokenizer.json                    a copy of the tokenizer the run was trained with
-    metrics.jsonl                     one JSON object per logged step
+    metrics.jsonl                     one JSON object per logged step (glm_ext.metrics)
+    loss.png                          the curves of metrics.jsonl (glm-ext plot; train writes it at the end)
+    tensorboard/                      TensorBoard event files (with TrainConfig.tensorboard)
     latest                            the name of the newest complete checkpoint
     checkpoints/step-00000400/
         model/                        glm_ext.checkpoint format (model.safetensors, config.json,
@@ -65,9 +67,11 @@ __all__ = [
     "CONFIG_FILE",
     "LATEST_FILE",
     "LOCK_FILE",
+    "LOSS_PLOT_FILE",
     "METRICS_FILE",
     "MODEL_DIR",
     "STATE_FILE",
+    "TENSORBOARD_DIR",
     "TOKENIZER_FILE",
     "ResumeWarning",
     "RunDirectory",
@@ -79,6 +83,8 @@ __all__ = [
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT_FILE = "loss.png"
+TENSORBOARD_DIR = "tensorboard"
 LATEST_FILE = "latest"
 LOCK_FILE = "train.lock"
 CHECKPOINTS_DIR = "checkpoints"
@@ -129,6 +135,14 @@ class RunDirectory:
     @property
     def latest_file(self) -> Path:
         return self.path / LATEST_FILE
+
+    @property
+    def loss_plot_file(self) -> Path:
+        return self.path / LOSS_PLOT_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD_DIR
 
     @property
     def checkpoints_dir(self) -> Path:

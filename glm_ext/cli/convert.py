@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def add_parser(commands) -> None:
                                help="architecture of an authors' SRC: a preset of glm_ext.model.PRESETS "
                                     "(base, large, 410m, 515m, 2b, 10b, ...)")
     source_config.add_argument("--config", metavar="JSON", help="GLMConfig fields of an authors' SRC (a JSON file)")
+    parser.add_argument("--vocab-size", type=int, metavar="N",
+                        help="with --preset: the rows of SRC's word embedding, when not the preset's (e.g. a model "
+                             "trained with a 1024-token tokenizer)")
     tokenizer = parser.add_argument_group(
         "tokenizer", "DST (--to ours) carries the model's tokenizer as tokenizer.json, so that glm-ext generate DST "
         "runs on it; a glm_ext SRC passes on the one it carries.")
@@ -47,7 +51,8 @@ def _source_config(args: argparse.Namespace):
     from glm_ext.model import GLMConfig
 
     if args.preset:
-        return GLMConfig.preset(args.preset)
+        config = GLMConfig.preset(args.preset)
+        return dataclasses.replace(config, vocab_size=args.vocab_size) if args.vocab_size else config
     with open(args.config, encoding="utf-8") as f:
         return GLMConfig.from_dict(json.load(f))
 
@@ -94,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         return error(f"{args.src} is a glm_ext checkpoint with its own config.json; drop --preset/--config", 2)
     if not ours and not (args.preset or args.config):
         return error("an authors' checkpoint needs --preset NAME or --config JSON", 2)
+    if args.vocab_size and not args.preset:
+        return error("--vocab-size goes with --preset (a --config JSON holds vocab_size itself)", 2)
     if args.tokenizer_family and not args.tokenizer_files:
         return error("--tokenizer-family needs --tokenizer-files", 2)
     if args.tokenizer_files and args.to == "authors":

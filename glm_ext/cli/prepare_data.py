@@ -29,6 +29,7 @@ def add_parser(commands) -> None:
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     from glm_ext.data.datasets import iter_text_pieces, prepare_token_file, token_file_paths
+    from glm_ext.progress import Progress
     from glm_ext.tokenizer import GLMTokenizer
 
     reading = dict(sources=args.sources, text_key=args.text_key, with_default_corpus=args.default_corpus)
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         tokenizer = GLMTokenizer.from_file(args.tokenizer)
     start = time.perf_counter()
-    token_file = prepare_token_file(tokenizer=tokenizer, output=args.output, **reading)
+    with Progress("tokenising", unit="char", unit_scale=True) as progress:
+        token_file = prepare_token_file(tokenizer=tokenizer, output=args.output, progress=progress.advance, **reading)
     seconds = time.perf_counter() - start
     print(f"{len(token_file)} documents, {token_file.num_tokens:,} tokens in {seconds:.1f} s "
           f"({token_file.num_tokens / seconds:,.0f} tokens/s) -> {', '.join(map(str, paths))}")

@@ -36,7 +36,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -198,13 +198,15 @@ def prepare_token_file(
     text_key: str = "text",
     with_default_corpus: bool = False,
     batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
 ) -> TokenFile:
     """Tokenise ``sources`` (and the default corpus) into the token file at prefix ``output``.
 
     Text is read and encoded in pieces (at most ``batch_size`` pieces and about ``BATCH_CHARS``
     characters at a time), so memory stays bounded however large the input or any one document is
     (module docstring). All three files appear at once or not at all
-    (:func:`glm_ext.files.staged_files`; an older token file stays intact otherwise).
+    (:func:`glm_ext.files.staged_files`; an older token file stays intact otherwise). ``progress``
+    is called with the number of characters encoded, batch by batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -217,7 +219,7 @@ def prepare_token_file(
     # so a crash between the renames is caught (the counts disagree) rather than read as data.
     with staged_files(paths) as (bin_temp, idx_temp, meta_temp):
         with open(bin_temp, "wb") as out:
-            offsets, skipped = _write_tokens(pieces, tokenizer, out, dtype, batch_size)
+            offsets, skipped = _write_tokens(pieces, tokenizer, out, dtype, batch_size, progress)
         if len(offsets) == 1:
             raise ValueError(f"sources {names} hold no non-blank documents")
         with open(idx_temp, "wb") as out:
@@ -242,7 +244,8 @@ def prepare_token_file(
 
 
 def _write_tokens(
-    pieces: Iterable[tuple[int, str]], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int
+    pieces: Iterable[tuple[int, str]], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[array.array, int]:
     """Write each non-blank document's tokens and ``<eos>``; return the boundaries and the blank count.
 
@@ -273,6 +276,8 @@ def _write_tokens(
             has_text = has_text or bool(piece.strip())
             np.asarray(ids, dtype=dtype).tofile(out)
             written += len(ids)
+        if progress is not None:
+            progress(sum(len(piece) for _, piece in batch))
     if document is not None:
         end_document()
     return offsets, skipped

@@ -17,6 +17,15 @@ __all__ = ["blank_infilling", "embedding_2d", "mixed_mask_attention", "rotary_2d
 _ops = torch.ops.glm_ext
 
 
+def _check_same_device(prefix: str, first_name: str, first: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """The kernels' device check, repeated by every fake kernel: a fake (meta) kernel runs instead
+    of the device kernels whenever any input is a meta tensor, and would otherwise hand back
+    uninitialised outputs for a meta tensor among CPU tensors."""
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{prefix}{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+
+
 # --------------------------------------------------------------------------------------------
 # embedding_2d
 
@@ -73,6 +82,10 @@ def _check_index_ranges(*checks: tuple[torch.Tensor, torch.Tensor, str, str]) ->
 
 @torch.library.register_fake("glm_ext::embedding_2d")
 def _embedding_2d_fake(input_ids, position_ids, block_position_ids, word_weight, position_weight, block_position_weight):
+    _check_same_device(
+        "", "input_ids", input_ids, position_ids=position_ids, block_position_ids=block_position_ids,
+        word_weight=word_weight, position_weight=position_weight, block_position_weight=block_position_weight,
+    )
     return word_weight.new_empty((*input_ids.shape, word_weight.shape[1]))
 
 
@@ -80,6 +93,10 @@ def _embedding_2d_fake(input_ids, position_ids, block_position_ids, word_weight,
 def _embedding_2d_backward_fake(
     grad_output, input_ids, position_ids, block_position_ids, num_words, num_positions, num_block_positions
 ):
+    _check_same_device(
+        "", "input_ids", input_ids, position_ids=position_ids, block_position_ids=block_position_ids,
+        grad_output=grad_output,
+    )
     hidden = grad_output.shape[-1]
     return (
         grad_output.new_empty((num_words, hidden)),
@@ -158,11 +175,13 @@ def rotary_2d(
 
 @torch.library.register_fake("glm_ext::rotary_2d")
 def _rotary_2d_fake(x, position_ids, block_position_ids, base=10000.0):
+    _check_same_device("", "x", x, position_ids=position_ids, block_position_ids=block_position_ids)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("glm_ext::rotary_2d_backward")
 def _rotary_2d_backward_fake(grad_output, position_ids, block_position_ids, base=10000.0):
+    _check_same_device("", "grad_output", grad_output, position_ids=position_ids, block_position_ids=block_position_ids)
     return grad_output.new_empty(grad_output.shape)
 
 
@@ -266,17 +285,11 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _check_same_device(q: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    # The kernels check devices too; a fake kernel runs instead of them when any input is a meta
-    # tensor, so it repeats this check (with their message).
-    for name, t in tensors.items():
-        if t is not None and t.device != q.device:
-            raise ValueError(f"mixed_mask_attention: {name} must be on the device of q ({q.device}), got {t.device}")
-
-
 @torch.library.register_fake("glm_ext::mixed_mask_attention")
 def _mixed_mask_attention_fake(q, k, v, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
-    _check_same_device(q, k=k, v=v, sep=sep, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_same_device(
+        "mixed_mask_attention: ", "q", q, k=k, v=v, sep=sep, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k
+    )
     if cu_seqlens_q is None:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     else:
@@ -289,7 +302,7 @@ def _mixed_mask_attention_backward_fake(
     grad_out, grad_lse, q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
 ):
     _check_same_device(
-        q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse, sep=sep,
+        "mixed_mask_attention: ", "q", q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse, sep=sep,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -386,6 +399,7 @@ def _span_shuffle_batch_fake(
     min_document_ratio, cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size,
     output_length=0,
 ):
+    _check_same_device("", "tokens", tokens, lengths=lengths, sentence_end_ids=sentence_end_ids)
     width = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()
     batch = tokens.shape[0]
     long = dict(dtype=torch.int64, device=tokens.device)
@@ -409,6 +423,7 @@ def blank_infilling(
 
 @torch.library.register_fake("glm_ext::blank_infilling")
 def _blank_infilling_fake(tokens, spans, order, mask_id, sop_id, eop_id):
+    _check_same_device("", "tokens", tokens, spans=spans, order=order)
     width = tokens.shape[0] + 2 * spans.shape[0]
     long = dict(dtype=torch.int64, device=tokens.device)
     return (

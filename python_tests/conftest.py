@@ -7,6 +7,11 @@ in the same dtype (plus a tiny absolute floor for results PyTorch happens to get
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -49,3 +54,14 @@ def assert_within_pytorch_error(
     assert ours_error <= factor * pytorch_error + floor, (
         f"error {ours_error:.3g} exceeds {factor} x PyTorch's {pytorch_error:.3g} in {ours.dtype}"
     )
+
+
+def run_python(code: str, **env) -> str:
+    """Runs ``code`` in a fresh interpreter and returns its output: what may crash (a segfault, a
+    floating-point exception) fails the test that asked, not the whole suite."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
+    return result.stdout

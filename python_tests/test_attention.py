@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_within_pytorch_error, max_error
+from conftest import LOW_PRECISION, assert_within_pytorch_error, max_error, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -327,15 +323,6 @@ def test_property_packed_random_samples(samples):
 
 # ---------------------------------------------------------------------------------------------
 # Memory linear in the sequence length, and every instruction-set path of the CPU kernel
-
-
-def run_python(code: str, **env) -> str:
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
-        env={**os.environ, **env},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_memory_never_grows_with_seq_squared():

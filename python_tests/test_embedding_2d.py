@@ -277,5 +277,5 @@ def test_cuda_out_of_range_ids():
 @pytest.mark.cuda
 def test_cuda_device_mismatch():
     ids, tables = make_case((2, 4), 8)
-    with pytest.raises(ValueError, match="word_weight must be on the same device as input_ids"):
+    with pytest.raises(ValueError, match="word_weight must be on the device of input_ids"):
         ops.embedding_2d(*ids, tables[0].cuda(), *tables[1:])

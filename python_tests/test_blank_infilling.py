@@ -536,3 +536,16 @@ def test_cuda_batch_equals_cpu_batch(objective):
     cuda = shuffle_batch(rows.cuda(), objective, seed=99, lengths=lengths.cuda())
     for name in ("tokens", "targets", "loss_mask", "position_ids", "sep"):
         assert torch.equal(getattr(cpu, name), getattr(cuda, name).cpu()), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["token", "sentence", "document"])
+def test_cuda_zero_sizes_and_empty_rows(objective):
+    rows, lengths = make_rows(3, 40), torch.tensor([0, 40, 17])
+    cpu = shuffle_batch(rows, objective, seed=5, lengths=lengths)
+    cuda = shuffle_batch(rows.cuda(), objective, seed=5, lengths=lengths.cuda())
+    for name in ("tokens", "targets", "loss_mask", "position_ids", "sep"):
+        assert torch.equal(getattr(cpu, name), getattr(cuda, name).cpu()), name
+    assert shuffle_batch(torch.zeros(0, 30, dtype=torch.int64, device="cuda"), objective).tokens.shape == (0, 0)
+    out = shuffle_batch(torch.zeros(3, 0, dtype=torch.int64, device="cuda"), objective, output_length=4)
+    assert (out.tokens == SPECIAL.pad).all() and not out.sep.any() and not out.loss_mask.any()

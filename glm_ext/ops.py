@@ -250,12 +250,16 @@ def mixed_mask_attention(
     Returns the output (like ``q``; accumulated in float32, float64 for float64) and, with
     ``return_lse``, the natural log-sum-exp of each query row's scaled scores: float32 (float64 for
     float64 inputs), ``[batch, heads_q, seq_q]`` padded, ``[heads_q, total_q]`` packed. Both are
-    differentiable; the backward is deterministic.
+    differentiable; the backward is deterministic. On the CPU a masked pair never enters the
+    arithmetic: a NaN in a row of ``q``, ``k`` or ``v`` reaches only the outputs and gradients of
+    the rows that see it (a dense ``softmax(...) @ v``, like ``glm_ext.reference``, spreads it
+    further through ``0 * NaN``).
     """
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("mixed_mask_attention: pass both cu_seqlens_q and cu_seqlens_k (packed) or neither (padded)")
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+        # head_dim 0 is not divided by here: the op refuses it ("head_dim must lie in [1, 256]").
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     if cu_seqlens_q is None:
         max_seqlen_q = max_seqlen_k = 0  # the padded layout takes its lengths from the shapes
     elif max_seqlen_q is None or max_seqlen_k is None:

@@ -395,6 +395,53 @@ def test_narrower_instruction_set_paths(capability):
 
 
 # ---------------------------------------------------------------------------------------------
+# NaN in one row reaches only the rows that see it
+
+
+def attention_row_by_row(q, k, v, sep, scale):
+    """Slow direct computation (float64, padded layout): every query row attends to exactly the
+    keys GLM's mask lets it see, so a masked key never enters its arithmetic. Returns out, lse."""
+    batch, seq_q, heads_q, _ = q.shape
+    group = heads_q // k.shape[2]
+    mask = reference.mixed_mask(sep, seq_q, k.shape[1])
+    outs, lses = [], []
+    for b in range(batch):
+        for h in range(heads_q):
+            for i in range(seq_q):
+                keys, values = k[b, mask[b, i], h // group], v[b, mask[b, i], h // group]
+                scores = keys @ q[b, i, h] * scale
+                outs.append(torch.softmax(scores, 0) @ values)
+                lses.append(torch.logsumexp(scores, 0))
+    out = torch.stack(outs).view(batch, heads_q, seq_q, -1).transpose(1, 2)
+    return out, torch.stack(lses).view(batch, heads_q, seq_q)
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # one (sample, kv head) pair: fused, then two-pass backward
+@pytest.mark.parametrize("poisoned, seq_q", [("v", 100), ("k", 40), ("q", 100)])
+def test_nan_reaches_only_the_rows_that_see_it(poisoned, seq_q, threads):
+    # A NaN in a Part B row: rows of the same 64-row tile that cannot see it once turned NaN too
+    # (0 * NaN in the products over masked pairs), in the forward and in the backward.
+    q, k, v = make_qkv(1, seq_q, 100, 2, 1, 8)
+    sep = torch.tensor([30])
+    row = {"v": 80, "k": 80, "q": seq_q - 20}[poisoned]
+    {"q": q, "k": k, "v": v}[poisoned][0, row, 0, 3] = float("nan")
+    scale = 8**-0.5
+    ours_in, want_in = leaves(q, k, v), leaves(q, k, v)
+    with num_threads(threads):
+        out, lse = ops.mixed_mask_attention(*ours_in, sep, return_lse=True)
+        want_out, want_lse = attention_row_by_row(*want_in, sep, scale)
+        assert 0 < out.isnan().sum() < out.numel(), "the NaN reaches some rows, not all"
+        torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10, equal_nan=True)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-10, equal_nan=True)
+        grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse)
+        got = torch.autograd.grad((out, lse), ours_in, (grad_out, grad_lse))
+    want = torch.autograd.grad((want_out, want_lse), want_in, (grad_out, grad_lse))
+    assert 0 < got[0].isnan().sum() < got[0].numel(), "grad_q: NaN in the rows that see it, and only there"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Bad input
 
 
@@ -417,6 +464,11 @@ def bad_padded_cases():
         (p(sep=sep[:1]), ValueError, r"sep must have shape \[batch\] = \[2\]"),
         (p(sep=torch.tensor([1, 7])), ValueError, r"sep must lie in \[0, seq_k = 6\], got sep\[1\] = 7"),
         (p(sep=torch.tensor([-1, 2])), ValueError, r"sep must lie in \[0, seq_k = 6\], got sep\[0\] = -1"),
+        # int64 values are checked before they are narrowed to int32 (2^32 + 3 once acted as 3).
+        (p(sep=torch.tensor([1, 2**32 + 3])), ValueError, r"sep must lie in \[0, L\].*got sep\[1\] = 4294967299"),
+        (p(sep=torch.tensor([-(2**32) + 1, 2])), ValueError, r"got sep\[0\] = -4294967295"),
+        (p(q=torch.randn(2, 5, 4, 0), k=torch.randn(2, 6, 2, 0), v=torch.randn(2, 6, 2, 0)), ValueError,
+         r"head_dim must lie in \[1, 256\], got 0"),
         (p(q=torch.randn(2, 7, 4, 8)), ValueError, r"seq_q \(7\) must not exceed seq_k \(6\)"),
         (p(k=k[:1], v=k[:1]), ValueError, r"k must have the batch size of q \(2\)"),
         (p(k=k.to("meta")), ValueError, r"k must be on the device of q \(cpu\), got meta"),
@@ -450,6 +502,7 @@ def test_non_finite_softmax_scale():
          r"sep must lie in \[0, L\] with L the length of its sample, got sep\[1\] = 5"),
         ([3, 4], [3, 4], None, [1, 2], dict(max_seqlen_q=3, max_seqlen_k=4), ValueError, "more than max_seqlen_q = 3"),
         ([3, 4], [3, 4], None, [1, 2], dict(max_seqlen_q=-1, max_seqlen_k=4), ValueError, "must be >= 0"),
+        ([3, 4], [3, 4], None, [1, 2**32 + 2], {}, ValueError, r"got sep\[1\] = 4294967298"),
     ],
 )
 def test_bad_packed_input(lengths_q, lengths_k, cu_q, sep, extra, error, match):

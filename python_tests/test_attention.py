@@ -648,6 +648,16 @@ def test_cuda_packed_with_unknown_max_seqlen_and_strided_inputs():
     known = ops.mixed_mask_attention(q, k, v, sep, cu_seqlens_q=cu, cu_seqlens_k=cu)
     unknown = OP(q, k, v, sep, cu, cu, 0, 0, 64**-0.5)[0]  # max_seqlen 0: the kernel bounds it
     assert torch.equal(known, unknown)
+    # A bound far above the token count is clamped to it (it once sized a grid that wrapped to 0
+    # blocks: outputs left unwritten), forward and backward.
+    grad = torch.randn_like(q)
+    huge = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
+    out = ops.mixed_mask_attention(*huge, sep, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=2**38, max_seqlen_k=2**40)
+    assert torch.equal(out, known)
+    leaves_known = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = ops.mixed_mask_attention(*leaves_known, sep, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    for a, b in zip(torch.autograd.grad(out, huge, grad), torch.autograd.grad(expected, leaves_known, grad)):
+        assert torch.equal(a, b)
     # Views of a fused QKV projection (row stride 3 x heads x dim) go in without a copy; a view whose
     # rows are not 16-byte aligned is copied first; all give the same bits.
     qkv = torch.stack([q, k, v], dim=1)

@@ -387,8 +387,12 @@ def span_shuffle_batch(
     Returns ``tokens, targets, loss_mask`` (int64 ``[batch, width]``), ``position_ids``
     (``[batch, 2, width]``), ``sep`` (int32 ``[batch]``) and the objective drawn for the batch (a
     0-dim int64: 0 token, 1 sentence, 2 document level). ``width`` is ``output_length``, or the
-    longest assembled row when 0. Same seed, same batch, on every device. ``glm_ext.data`` has the
-    friendly interface.
+    longest assembled row when 0. Same seed, same batch, on every device; each row draws from its
+    own generator, seeded from a hash of ``(seed, row)``. An empty row (length 0) stays empty (all
+    padding, ``sep`` 0). A row that cannot be built raises ``ValueError`` naming the row: nothing
+    but ``[CLS]``/``<eos>`` to mask, too short for the document level, or token-level spans that do
+    not fit with a token between them (possible above ``mask_ratio`` 0.5) in 16 draws.
+    ``glm_ext.data`` has the friendly interface.
     """
     return _ops.span_shuffle_batch(
         tokens, lengths, sentence_end_ids, int(seed) & 0x7FFFFFFFFFFFFFFF, [float(p) for p in objective_probs],

@@ -96,7 +96,7 @@ def test_sep_edge_cases(emulator):
     assert_matches_reference(emulator, q, k, v, torch.tensor([0, 1, seq // 2, seq - 1, seq]), torch.bfloat16)
 
 
-@pytest.mark.parametrize("seq_q", [1, 70])
+@pytest.mark.parametrize("seq_q", [0, 1, 70])  # 0: no queries, the keys' gradients are zeros
 def test_decoding_queries_are_the_last_positions(emulator, seq_q):
     q, k, v = make_qkv(2, seq_q, 130, 4, 1, 64, dtype=torch.float32)
     assert_matches_reference(emulator, q, k, v, torch.tensor([5, 130]), torch.float16, deferred=True)

@@ -7,7 +7,9 @@ over a token file (``[CLS]`` + the next tokens of the shuffled documents), made 
 blank-infilling rows by :class:`~glm_ext.data.BlankInfillingCollator` (GLM_SPEC section 1).
 
 The run directory (``TrainConfig.output_dir``) is laid out and written by :mod:`glm_ext.run_dir`:
-checkpoints appear atomically, so a crash at any point leaves the previous checkpoint intact.
+checkpoints appear atomically, so a crash at any point leaves the previous checkpoint intact, and
+one trainer at a time holds the directory (:meth:`~glm_ext.run_dir.RunDirectory.lock`). SIGINT and
+SIGTERM stop :meth:`Trainer.fit` after the current step with a checkpoint (:mod:`glm_ext.stopping`).
 Resuming restores everything that decides the next
 steps: a run of N steps and a run of k steps resumed for N - k more give the same weights.
 """
@@ -26,13 +28,13 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from glm_ext.checkpoint import load_checkpoint, save_checkpoint
-from glm_ext.files import write_file_atomically
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
-from glm_ext.model import PRESETS, GLMConfig, GLMModel, PositionEncoding, lm_loss
+from glm_ext.devices import resolve_device
 from glm_ext.metrics import MetricsLogger
+from glm_ext.model import PRESETS, GLMConfig, GLMModel, PositionEncoding, lm_loss
 from glm_ext.progress import Progress, is_main_process
-from glm_ext.run_dir import CONFIG_FILE, MODEL_DIR, STATE_FILE, TOKENIZER_FILE, RunDirectory
+from glm_ext.run_dir import CONFIG_FILE, MODEL_DIR, TOKENIZER_FILE, RunDirectory, check_tokenizer
+from glm_ext.stopping import StopSignals
 from glm_ext.tokenizer import GLMTokenizer
 
 __all__ = [
@@ -149,10 +151,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
         for name in non_negative:
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+            if not 0 <= getattr(self, name) < math.inf:  # NaN too (it compares false, e.g. a NaN grad_clip never clips)
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in DTYPES:
@@ -244,15 +246,6 @@ def lr_at(step: int, *, lr: float, warmup: int, total_steps: int, min_lr: float)
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_device(device: str) -> torch.device:
-    """``"auto"``: CUDA when a GPU is visible and the extension was built with CUDA kernels."""
-    if device != "auto":
-        return torch.device(device)
-    import glm_ext
-
-    return torch.device("cuda" if torch.cuda.is_available() and glm_ext.build_info()["cuda"] else "cpu")
-
-
 def _resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
     """(weight dtype, autocast dtype or None)."""
     if dtype == "auto":
@@ -290,6 +283,7 @@ class Trainer:
         self.device = resolve_device(config.device)
         self.param_dtype, self.autocast_dtype = _resolve_dtype(config.dtype, self.device)
         self.run_dir = RunDirectory(config.output_dir)
+        self.run_dir.check_writable()
         self.tokenizer = GLMTokenizer.from_file(config.tokenizer)
         self.collator = self.build_collator(config.seed)
         self.train_file = self.open_token_file(config.train_data)
@@ -301,6 +295,7 @@ class Trainer:
         self.optimizer = self.build_optimizer()
         self.step = 0
         self.tokens_seen = 0
+        self.saved_step: int | None = None  # the step of the checkpoint that holds the current state
         self.history: list[dict[str, float]] = []  # per step: loss, lr, grad_norm, tokens, padding
         # ([loss, grad norm, padding tokens] on the device, lr, tokens) of steps not yet read back
         self._pending: list[tuple[torch.Tensor, float, int]] = []
@@ -503,13 +498,12 @@ class Trainer:
         self.log_metrics()  # the steps since the last metrics line, so that the checkpoint has them all
         self.metrics.sync()
         state = self.state_dict()
-        self._write_run_files()
-
-        def write(directory: Path) -> None:
-            save_checkpoint(self.model, directory / MODEL_DIR)
-            write_file_atomically(directory / STATE_FILE, lambda f: torch.save(state, f), mode="wb")
-
-        return self.run_dir.save_checkpoint(self.step, write, keep=self.config.keep_checkpoints)
+        with self.run_dir.lock():
+            self._write_run_files()
+            path = self.run_dir.save_checkpoint(self.step, self.model, state, keep=self.config.keep_checkpoints,
+                                                tokenizer_sha256=self.tokenizer.sha256)
+        self.saved_step = self.step
+        return path
 
     def _write_run_files(self) -> None:
         self.run_dir.write_text(CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
@@ -519,19 +513,25 @@ class Trainer:
 
     def resume(self, checkpoint: str | os.PathLike | None = None) -> bool:
         """Continues from ``checkpoint`` (a ``checkpoints/step-N`` directory), by default the newest
-        one of ``output_dir``. Returns False when there is none to resume from."""
-        path = Path(checkpoint) if checkpoint is not None else self.run_dir.latest_checkpoint()
-        if path is None:
+        intact one of ``output_dir`` (:meth:`~glm_ext.run_dir.RunDirectory.load_newest_checkpoint`).
+        Returns False when there is none to resume from."""
+        with self.run_dir.lock():
+            if checkpoint is None:
+                found = self.run_dir.load_newest_checkpoint()
+            else:
+                found = (Path(checkpoint), *self.run_dir.load_checkpoint(Path(checkpoint)))
+        if found is None:
             return False
-        saved = load_checkpoint(path / MODEL_DIR)
+        path, saved, state = found
         if saved.config != self.model.config:
             raise ValueError(
                 f"cannot resume: {path} holds a model of {saved.config}, this run builds {self.model.config}"
             )
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        check_tokenizer(path / MODEL_DIR, self.tokenizer.sha256, self.config.tokenizer)
         self.load_state_dict(state)
         with torch.no_grad():
             self.model.load_state_dict(saved.state_dict())
+        self.saved_step = self.step
         return True
 
     # ----- the loop -----------------------------------------------------------------------------
@@ -579,26 +579,37 @@ class Trainer:
         self._window_start = time.perf_counter()  # evaluating and saving do not count as training time
         return record
 
-    def fit(self, *, evaluate_first: bool = True) -> dict[str, Any]:
+    def fit(self, *, evaluate_first: bool = True, stop: StopSignals | None = None) -> dict[str, Any]:
         """Trains until ``config.steps`` (from the current step: 0, or where :meth:`resume` left),
         logging, evaluating and saving as configured; the end always evaluates and saves. A run
         that is already complete trains, evaluates and saves nothing (the summary says ``complete``).
+        Holds the run directory's lock throughout.
 
+        ``stop`` (default: a :class:`~glm_ext.stopping.StopSignals` installed for the call) is asked
+        before every step; when it says stop, the run saves and returns at once (no evaluation).
         Progress goes to a progress bar or lines (:class:`~glm_ext.progress.Progress`), the metrics
         of every logged step to ``metrics.jsonl`` (:class:`~glm_ext.metrics.MetricsLogger`).
 
         Returns a summary: ``step``, ``eval_loss_before`` / ``eval_accuracy_before`` (when
         evaluated first, at step 0), ``eval_loss`` / ``eval_accuracy``, ``train_loss`` (mean of the
-        last logging window), ``seconds``, ``tokens_per_second``, ``checkpoint``, ``complete``.
+        last logging window), ``seconds``, ``tokens_per_second``, ``checkpoint``, ``complete``,
+        ``stopped`` (whether a stop was requested).
         """
+        with self.run_dir.lock(), contextlib.ExitStack() as stack:
+            stop = stop or stack.enter_context(StopSignals())
+            self._write_run_files()  # at once: a damaged copy is repaired even when no step is left to do
+            return self._fit(evaluate_first, stop)
+
+    def _fit(self, evaluate_first: bool, stop: StopSignals) -> dict[str, Any]:
         c = self.config
-        summary: dict[str, Any] = {"start_step": self.step, "complete": self.step >= c.steps}
+        summary: dict[str, Any] = {"start_step": self.step, "complete": self.step >= c.steps, "stopped": False}
         if summary["complete"]:
             self._say(f"{c.output_dir} holds a complete run: step {self.step} of {c.steps}; nothing to train "
                       "(a larger steps trains on)")
             summary.update(step=self.step, checkpoint=self.run_dir.latest_checkpoint())
             return summary
         self.metrics.start(self.step)
+        record = None
         with Progress("step", c.steps, initial=self.step, unit="step", log=self.log) as self._progress:
             try:
                 if evaluate_first and self.step == 0 and self.eval_file is not None:
@@ -608,7 +619,7 @@ class Trainer:
                 start, tokens_then = time.perf_counter(), self.tokens_seen
                 self._window_start = start
                 window = max(1, c.log_every)
-                while self.step < c.steps:
+                while self.step < c.steps and not stop.requested():
                     self.train_step(self.next_batch())
                     self._progress.advance()
                     last = self.step == c.steps
@@ -618,9 +629,15 @@ class Trainer:
                         record = self.log_metrics(evaluate=evaluate and self.eval_file is not None)
                     if save:
                         self._say(f"saved {self.save()}")
+                summary["stopped"] = stop.requested()
                 seconds = time.perf_counter() - start
-                summary["checkpoint"] = self.save()
-                self._say(f"saved {summary['checkpoint']}")
+                if self.saved_step != self.step:
+                    summary["checkpoint"] = self.save()
+                    self._say(f"saved {summary['checkpoint']}")
+                else:
+                    summary["checkpoint"] = self.run_dir.checkpoint_dir(self.step)
+                if summary["stopped"]:
+                    self._say(f"stopped at step {self.step} as asked: run the same command again to resume")
             finally:
                 self._progress = None
                 self.metrics.close()

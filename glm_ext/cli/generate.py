@@ -32,7 +32,7 @@ def add_parser(commands) -> None:
 def load_for_generation(path: str, tokenizer_path: str | None, device: str):
     """(model, tokenizer) from a run directory, a checkpoints/step-N directory or a checkpoint."""
     from glm_ext.checkpoint import load_checkpoint
-    from glm_ext.run_dir import resolve_model_source
+    from glm_ext.run_dir import check_tokenizer, resolve_model_source
     from glm_ext.tokenizer import GLMTokenizer
     from glm_ext.training import resolve_device
 
@@ -40,8 +40,10 @@ def load_for_generation(path: str, tokenizer_path: str | None, device: str):
     tokenizer_path = tokenizer_path or default_tokenizer
     if tokenizer_path is None:
         raise FileNotFoundError(f"{path} is a bare checkpoint: pass --tokenizer")
+    tokenizer = GLMTokenizer.from_file(tokenizer_path)
+    check_tokenizer(model_dir, tokenizer.sha256, tokenizer_path)
     model = load_checkpoint(model_dir, map_location=resolve_device(device))
-    return model, GLMTokenizer.from_file(tokenizer_path)
+    return model, tokenizer
 
 
 def _one_line(text: str) -> str:

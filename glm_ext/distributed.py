@@ -164,8 +164,9 @@ def current_context(device: torch.device | str) -> DistributedContext:
     if not dist.is_initialized():
         world_size = _env_int("WORLD_SIZE", default=1)
         if world_size > 1:
-            raise ValueError(f"torchrun started this process as one of WORLD_SIZE={world_size}, but it has not joined "
-                             "their process group: call glm_ext.distributed.init_distributed first (glm-ext train does)")
+            raise ValueError(f"torchrun started this process as one of WORLD_SIZE={world_size}, but it has not "
+                             "joined their process group: call glm_ext.distributed.init_distributed first (glm-ext "
+                             "train does)")
         return DistributedContext(0, 0, 1, device)
     if device.type != "cpu":
         device = torch.device(device.type, torch.accelerator.current_device_index())

@@ -270,8 +270,8 @@ class RunDirectory:
         save_checkpoint(weights, staging / MODEL_DIR, config=config, metadata={TOKENIZER_SHA256: tokenizer_sha256})
         with open(staging / STATE_FILE, "wb") as out:
             torch.save(trainer_state, out)
-        optimizer_files = sorted(str(p.relative_to(staging)) for p in (staging / OPTIMIZER_DIR).rglob("*") if p.is_file())
-        write_manifest(staging, [STATE_FILE, *optimizer_files])
+        optimizer = sorted(str(p.relative_to(staging)) for p in (staging / OPTIMIZER_DIR).rglob("*") if p.is_file())
+        write_manifest(staging, [STATE_FILE, *optimizer])
 
     def _point_latest_at(self, checkpoint: Path) -> None:
         if self.latest_file.is_dir() and not self.latest_file.is_symlink():

@@ -340,9 +340,9 @@ class Trainer:
         self.layout = StepLayout.for_global_batch(config.batch_size, grad_accum=config.grad_accum,
                                                   world_size=self.context.world_size, rank=self.context.rank)
         if config.parallel == "fsdp" and not dist.is_initialized():
-            raise ValueError("parallel 'fsdp' (--parallel fsdp) shards the model over the processes of a process group, "
-                             "and this process was not started by torchrun: launch it with torchrun (torchrun "
-                             "--nproc-per-node 1 ... for one process), or use --parallel ddp")
+            raise ValueError("parallel 'fsdp' (--parallel fsdp) shards the model over the processes of a process "
+                             "group, and this process was not started by torchrun: launch it with torchrun "
+                             "(torchrun --nproc-per-node 1 ... for one process), or use --parallel ddp")
         self.param_dtype, self.autocast_dtype = _resolve_dtype(config.dtype, self.device)
         self.run_dir = RunDirectory(config.output_dir)
         self.run_dir.check_writable()
@@ -696,7 +696,8 @@ class Trainer:
             parts += [] if record["grad_norm"] is None else [f"grad norm {norm:.2f}"]
             parts += [f"{record['tokens_per_second']:,.0f} tokens/s"]
             if self.config.packing:
-                record["padding_share_without_packing"] = 1 - tokens / sum(e["positions_as_padded_rows"] for e in window)
+                as_padded_rows = sum(e["positions_as_padded_rows"] for e in window)
+                record["padding_share_without_packing"] = 1 - tokens / as_padded_rows
                 parts += [f"padding {record['padding_share']:.1%} ({record['padding_share_without_packing']:.1%} "
                           "without packing)"]
         held_out = self.evaluate() if evaluate else None

@@ -54,8 +54,8 @@ class StepLayout:
         parts = grad_accum * world_size
         if global_batch_size < 1 or global_batch_size % parts:
             raise ValueError(
-                f"the global batch of {global_batch_size} rows (batch_size) does not split into grad_accum={grad_accum} "
-                f"x world_size={world_size} equal micro-batches: choose a multiple of {parts}"
+                f"the global batch of {global_batch_size} rows (batch_size) does not split into "
+                f"grad_accum={grad_accum} x world_size={world_size} equal micro-batches: choose a multiple of {parts}"
             )
         return cls(global_batch_size // parts, grad_accum, world_size, rank)
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from glm_ext import cli, progress
 from glm_ext.checkpoint import is_checkpoint, load_checkpoint, save_authors_checkpoint
 from glm_ext.cli.config_options import add_dataclass_options, option_values
 from glm_ext.data import BlankInfillingConfig, default_corpus, prepare_token_file
+from glm_ext.files import write_manifest
 from glm_ext.metrics import read_metrics
 from glm_ext.model import PRESETS, GLMConfig, GLMModel
 from glm_ext.tokenizer import GLMTokenizer
@@ -133,6 +135,27 @@ def test_resume_is_exact(data, tmp_path):
     assert second.stream.state_dict() == straight.stream.state_dict()
     saved = load_checkpoint(latest_checkpoint(tmp_path / "split") / "model")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), straight.model.state_dict().values()))
+
+
+def test_a_checkpoint_of_an_older_layout_resumes_exactly(data, tmp_path):
+    # Before several processes, trainer_state.pt held the optimizer (and RNG states); no optimizer/.
+    config = dict(dtype="float64", steps=4, warmup=2)
+    straight = Trainer(small_config(data, tmp_path / "straight", **config), log=quiet)
+    straight.fit(evaluate_first=False)
+    old = Trainer(small_config(data, tmp_path / "old", **config), log=quiet)
+    for _ in range(2):
+        old.train_step(old.next_batches())
+    path = old.save()
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    state.update(optimizer=old.optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+    torch.save(state, path / "trainer_state.pt")
+    shutil.rmtree(path / "optimizer")
+    write_manifest(path, ["trainer_state.pt"])
+    resumed = Trainer(small_config(data, tmp_path / "old", **config), log=quiet)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit(evaluate_first=False)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
 def test_resume_refuses_other_data_settings(data, tmp_path):

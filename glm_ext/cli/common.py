@@ -8,8 +8,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
-# Failures a user can act on (a missing file, a bad value, a diverging run): printed as one line.
-USER_ERRORS = (OSError, ValueError, FloatingPointError)
+# Failures a user can act on (a missing file, a bad value, a diverging run, an optional package not
+# installed, e.g. sentencepiece for the Chinese tokenizers): printed as one line.
+USER_ERRORS = (OSError, ValueError, FloatingPointError, ImportError)
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 

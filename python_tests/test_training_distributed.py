@@ -29,6 +29,7 @@ from glm_ext.checkpoint import load_checkpoint
 from glm_ext.distributed import DistributedContext
 from glm_ext.metrics import read_metrics
 from glm_ext.run_dir import RunDirectory
+from glm_ext.stopping import StopSignals
 from glm_ext.training import TrainConfig, Trainer
 from training_testing import make_training_data, quiet, small_config, temporaries, wait_for_line
 
@@ -249,6 +250,17 @@ def test_a_second_trainer_on_a_distributed_run_is_refused(data, tmp_path):
     assert process.returncode != 0
     assert err.count(f"error: run directory {run} is in use by another trainer (pid {os.getpid()})") == 1, err
     assert not (run / "checkpoints").exists()
+
+
+def test_under_torchrun_a_second_interrupt_does_not_abort():
+    # Ctrl-C reaches each rank twice under torchrun (from the terminal, and forwarded by torchrun).
+    with StopSignals(abort_on_second_interrupt=False) as stop:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested() and stop.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt), StopSignals():  # a lone process aborts
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ Guarantees (README "Reliability"):
 * A checkpoint directory is assembled under a temporary name and renamed into place once complete
   (:func:`glm_ext.files.staged_directory`), then ``latest`` is replaced atomically, so a crash at
   any point leaves the previous checkpoints and ``latest`` intact. In a distributed run every rank
-  writes its optimizer shard into the staging directory that rank 0 made and renames into place
-  (:meth:`RunDirectory.staged_checkpoint`), once all have written: the run directory must be on a
-  file system that every rank sees.
+  writes its optimizer shard into the staging directory that rank 0 made, and rank 0 renames it
+  into place once all have written (:meth:`RunDirectory.staged_checkpoint`): the run directory must
+  be on a file system that every rank sees.
 * One trainer at a time: :meth:`RunDirectory.lock` takes an exclusive ``flock`` on ``train.lock``
   (the kernel drops it when the process ends, however it ends), and refuses a second trainer,
   naming the directory and the pid holding it. Whoever takes the lock first removes the temporaries

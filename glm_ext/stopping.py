@@ -4,8 +4,9 @@ send before preemption) become a request that the training loop honours at the n
 
 :class:`StopSignals` installs the handlers for the duration of a ``with`` block and restores the
 previous ones afterwards. The loop asks :meth:`StopSignals.requested` after every step; that one
-method is the whole interface, so that a distributed run can make the answer collective (every rank
-must stop after the same step, e.g. by all-reducing the local answer) without touching the loop.
+method is the whole interface (a test may pass any object that has it). In a distributed run the
+trainer makes the answer collective (:func:`glm_ext.distributed.any_rank`): a signal to any rank
+stops every rank after the same step.
 
 A second SIGINT while a stop is pending aborts at once (``KeyboardInterrupt``), as users expect of a
 second Ctrl-C; checkpoints are written atomically, so the previous one stays intact. Not under

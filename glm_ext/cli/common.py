@@ -27,7 +27,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def reports_errors(run: Callable[..., int]) -> Callable[..., int]:
     """Wraps a command's ``run`` so that the errors of ``USER_ERRORS`` end it with one line and
     status 1, an interrupt (a second Ctrl-C) with one line and status 130, and warnings print as
-    ``warning: ...`` lines."""
+    ``warning: ...`` lines. In a distributed run, a rank whose peer failed (``RankFailed``) ends
+    with status 1 and leaves the message to the rank that failed."""
 
     @functools.wraps(run)
     def wrapper(*args, **kwargs) -> int:
@@ -39,5 +40,11 @@ def reports_errors(run: Callable[..., int]) -> Callable[..., int]:
                 return error(str(exc))
             except KeyboardInterrupt:
                 return error("interrupted (checkpoints already written are intact)", INTERRUPTED)
+            except Exception as exc:
+                from glm_ext.distributed import RankFailed  # only a distributed run raises it
+
+                if isinstance(exc, RankFailed):
+                    return 1  # the rank that failed has reported its error
+                raise
 
     return wrapper

@@ -149,8 +149,16 @@ class GLMTokenizer:
 
     # ----- encoding and decoding ----------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special_tokens_as_text: bool = False) -> list[int]:
+        """Token ids of ``text``. With ``special_tokens_as_text`` the special tokens' texts in it
+        (``[CLS]``, ``<|endofpiece|>``, ...) are encoded as plain text, not as control tokens."""
+        if not special_tokens_as_text:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        self._tokenizer.encode_special_tokens = True
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = False
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (in parallel, in the library's native code)."""

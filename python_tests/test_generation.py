@@ -48,13 +48,15 @@ class Spy(nn.Module):
         self.force = force
         self.calls = []
 
-    def forward(self, input_ids, position_ids, sep, *, kv_cache=None):
+    def forward(self, input_ids, position_ids, sep, *, kv_cache=None, logits_index=None):
         self.calls.append((input_ids.clone(), position_ids.clone(), sep.clone(), kv_cache))
-        logits = self.inner(input_ids, position_ids, sep, kv_cache=kv_cache)
+        logits = self.inner(input_ids, position_ids, sep, kv_cache=kv_cache, logits_index=logits_index)
         if self.force is not None:
-            token = self.force(int(position_ids[0, 0, -1]), int(position_ids[0, 1, -1]))
-            if token is not None:
-                logits[:, -1, token] += 1e4
+            last = logits_index if logits_index is not None else torch.full_like(sep, input_ids.shape[1] - 1)
+            for row, index in enumerate(last.tolist()):
+                token = self.force(int(position_ids[row, 0, index]), int(position_ids[row, 1, index]))
+                if token is not None:
+                    logits[row, ..., token] += 1e4
         return logits
 
 

@@ -713,9 +713,9 @@ class _ModelRunner:
     """Runs the model over the rows' new tokens, one forward pass per step for the whole batch,
     and returns each row's next-token logits ``[rows, V]``.
 
-    With the cache a row feeds only the tokens its cache lacks (rows padded to the longest feed;
-    the padding is trimmed off the cache afterwards), its cache row continuing the row it derives
-    from (``select``: finished rows leave, beams follow their parents). Without, every row is fed
+    With the cache a row feeds only the tokens its cache lacks (rows padded to the longest feed),
+    its cache row continuing the row it derives from (``select``: finished rows leave, beams follow
+    their parents) and trimmed to the tokens it holds (``row.fed``: padding fed earlier goes). Without, every row is fed
     whole at every step (the recomputation baseline; same tokens).
     """
 
@@ -743,9 +743,7 @@ class _ModelRunner:
             as_tensor(ids), as_tensor(positions), as_tensor([row.sep for row in rows]),
             kv_cache=cache, logits_index=as_tensor([n - 1 for n in counts]),
         )
-        if cache is not None:
-            if len(set(counts)) > 1:
-                cache.trim([start + n for start, n in zip(starts, counts)])
+        if cache is not None:  # the padding a row was fed is trimmed off at the next step
             for row in rows:
                 row.fed = len(row.ids)
         return logits
@@ -766,7 +764,7 @@ def _choose_tokens(scores: torch.Tensor, config: GenerationConfig, generators: S
 
 
 def _decode(searches: list[_ContextSearch], runner: _ModelRunner, setup: _Setup) -> Iterator[BlankUpdate]:
-    beams = setup.config.num_beams > 1
+    beams = isinstance(searches[0], _BeamSearch)
     vocab_size = setup.tokenizer.vocab_size
     active = [search for search in searches if search.rows]
     sources: list[int] = []
@@ -881,7 +879,9 @@ def stream_blanks(
 
 
 def _stream(model, tokenizer, contexts: list[list[int]], config: GenerationConfig, seeds: list[int | None],
-            use_cache: bool) -> Iterator[BlankUpdate]:
+            use_cache: bool, *, beam_search: bool | None = None) -> Iterator[BlankUpdate]:
+    """Decodes checked contexts. ``beam_search`` (default: ``num_beams > 1``) forces the search;
+    beam search with one beam gives the greedy tokens, which the tests check this way."""
     if not contexts:
         return
     special = tokenizer.special_ids
@@ -891,7 +891,7 @@ def _stream(model, tokenizer, contexts: list[list[int]], config: GenerationConfi
     device = next(model.parameters()).device
     searches: list[_ContextSearch] = []
     for i, (context, seed) in enumerate(zip(contexts, seeds)):
-        if config.num_beams > 1:
+        if beam_search if beam_search is not None else config.num_beams > 1:
             searches.append(_BeamSearch(i, context, setup))
         else:
             sampled = config.temperature > 0 and seed is not None
@@ -902,8 +902,13 @@ def _stream(model, tokenizer, contexts: list[list[int]], config: GenerationConfi
     capacity = max(len(c) + sum(config.limit(b) + 1 for b in range(len(s.blanks_at)))
                    for c, s in zip(contexts, searches)) + longest + 1
     runner = _ModelRunner(model, use_cache=use_cache, capacity=capacity, pad_id=special.pad)
-    with torch.no_grad():
-        yield from _decode(searches, runner, setup)
+    training = model.training
+    model.eval()  # no dropout: decoding is deterministic (cache == recomputation, batch == alone)
+    try:
+        with torch.no_grad():
+            yield from _decode(searches, runner, setup)
+    finally:
+        model.train(training)
 
 
 def fill_blanks(
@@ -927,8 +932,9 @@ def fill_blanks(
     any field of :class:`GenerationConfig`) override its fields. ``seed`` (an int for every context,
     or one per context) makes sampling repeatable: each context draws from its own generator, so
     its tokens do not depend on the other contexts of the batch. ``use_cache=False`` recomputes the
-    whole sequence for every token (same tokens, slower). The model is used as it is (device,
-    dtype; wrap the call in ``torch.autocast`` for mixed precision). Raises ValueError for a
+    whole sequence for every token (same tokens, slower). The model runs in eval mode (its mode is
+    restored afterwards) on its device in its dtype (wrap the call in ``torch.autocast`` for mixed
+    precision). Raises ValueError for a
     context without a mask token, longer than the model's ``max_sequence_length`` or with an
     unknown mask spelling (naming the context of a list), and for bad settings (naming them).
     """

@@ -526,7 +526,7 @@ class _ContextSearch:
     def limit(self) -> int:
         return self.setup.config.limit(len(self.filled))
 
-    def _stream(self, tokens: Sequence[int]) -> BlankUpdate:
+    def _update(self, tokens: Sequence[int]) -> BlankUpdate:
         new = tuple(tokens[self.streamed :])
         self.streamed = len(tokens)
         return BlankUpdate(self.index, len(self.filled), new, self.text.piece(tokens))
@@ -580,7 +580,7 @@ class _TokenSearch(_ContextSearch):
             return [self._end_blank(self.setup.stops[token])]
         self.tokens.append(token)
         self.rows[0].append(token, self.position, len(self.tokens) + 1)
-        updates = [self._stream(self.tokens)]
+        updates = [self._update(self.tokens)]
         config = self.setup.config
         if len(self.tokens) == self.limit:
             updates.append(self._end_blank("max_new_tokens"))
@@ -657,9 +657,10 @@ class _BeamSearch(_ContextSearch):
         num_beams, vocab = self.setup.config.num_beams, scores.shape[-1]
         totals = scores + torch.tensor(self.beam_scores, dtype=scores.dtype, device=scores.device)[:, None]
         top = torch.topk(totals.reshape(-1), min(2 * num_beams, totals.numel()))
+        top_totals, top_indices = top.values.tolist(), top.indices.tolist()
         length = len(self.beam_tokens[0])  # tokens of every beam before this step
         rows, tokens, sums = [], [], []
-        for rank, (total, index) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
+        for rank, (total, index) in enumerate(zip(top_totals, top_indices)):
             if total == float("-inf"):
                 break
             beam, token = divmod(index, vocab)
@@ -674,7 +675,7 @@ class _BeamSearch(_ContextSearch):
             sums.append(total)
             if len(rows) == num_beams:
                 break
-        done = not rows or self.finished.is_done(top.values[0].item(), length)
+        done = not rows or self.finished.is_done(top_totals[0], length)
         if not done and length + 1 == self.limit:
             for beam_tokens, total in zip(tokens, sums):
                 self.finished.add(beam_tokens, total, "max_new_tokens")
@@ -715,8 +716,8 @@ class _ModelRunner:
 
     With the cache a row feeds only the tokens its cache lacks (rows padded to the longest feed),
     its cache row continuing the row it derives from (``select``: finished rows leave, beams follow
-    their parents) and trimmed to the tokens it holds (``row.fed``: padding fed earlier goes). Without, every row is fed
-    whole at every step (the recomputation baseline; same tokens).
+    their parents) and trimmed to the tokens it holds (``row.fed``: padding fed earlier goes).
+    Without, every row is fed whole at every step (the recomputation baseline; same tokens).
     """
 
     def __init__(self, model, *, use_cache: bool, capacity: int, pad_id: int) -> None:
@@ -763,7 +764,7 @@ def _choose_tokens(scores: torch.Tensor, config: GenerationConfig, generators: S
     return [token if ok else None for token, ok in zip(chosen, allowed)]
 
 
-def _decode(searches: list[_ContextSearch], runner: _ModelRunner, setup: _Setup) -> Iterator[BlankUpdate]:
+def _decode_steps(searches: list[_ContextSearch], runner: _ModelRunner, setup: _Setup) -> Iterator[BlankUpdate]:
     beams = isinstance(searches[0], _BeamSearch)
     vocab_size = setup.tokenizer.vocab_size
     active = [search for search in searches if search.rows]
@@ -875,10 +876,10 @@ def stream_blanks(
         blanks = len(mask_positions(encoded[-1], tokenizer.special_ids))
         if len(config.limits) > 1 and blanks > len(config.limits):
             raise ValueError(f"max_new_tokens gives limits for {len(config.limits)} blanks, but context {i} has {blanks}")
-    return _stream(model, tokenizer, encoded, config, seeds, use_cache)
+    return _decode_contexts(model, tokenizer, encoded, config, seeds, use_cache)
 
 
-def _stream(model, tokenizer, contexts: list[list[int]], config: GenerationConfig, seeds: list[int | None],
+def _decode_contexts(model, tokenizer, contexts: list[list[int]], config: GenerationConfig, seeds: list[int | None],
             use_cache: bool, *, beam_search: bool | None = None) -> Iterator[BlankUpdate]:
     """Decodes checked contexts. ``beam_search`` (default: ``num_beams > 1``) forces the search;
     beam search with one beam gives the greedy tokens, which the tests check this way."""
@@ -906,7 +907,7 @@ def _stream(model, tokenizer, contexts: list[list[int]], config: GenerationConfi
     model.eval()  # no dropout: decoding is deterministic (cache == recomputation, batch == alone)
     try:
         with torch.no_grad():
-            yield from _decode(searches, runner, setup)
+            yield from _decode_steps(searches, runner, setup)
     finally:
         model.train(training)
 

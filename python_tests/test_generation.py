@@ -392,7 +392,7 @@ def test_beam_search_with_one_beam_is_greedy(tokenizer, min_new_tokens):
     force = lambda position, block: ends.get((position, block))  # noqa: E731
     config = GenerationConfig(max_new_tokens=5, min_new_tokens=min_new_tokens)
     greedy = fill_blanks(Spy(model, force), tokenizer, encoded, config)
-    updates = generation._stream(Spy(model, force), tokenizer, encoded, config, [None] * len(encoded), True,
+    updates = generation._decode_contexts(Spy(model, force), tokenizer, encoded, config, [None] * len(encoded), True,
                                  beam_search=True)
     beam = results_in_order(updates)
     assert [r.blank_token_ids for r in beam] == [r.blank_token_ids for r in greedy]

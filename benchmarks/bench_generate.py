@@ -236,6 +236,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weights (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default: benchmarks/results/generate_<device-kind>.json)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's; 1 is steadier on a loaded machine)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -255,6 +257,8 @@ SUMMARY_COLUMNS = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     preset = args.preset or ("tiny" if args.quick else "base")
     context = args.context or (64 if args.quick else 512)

@@ -929,3 +929,20 @@ def test_cli_interactive_prompt_loop(saved_model, monkeypatch, capsys):
     assert cli_main(["generate", checkpoint, "--tokenizer", tokenizer_file, "--interactive", "--max-new-tokens", "3"]) == 0
     out, err = capsys.readouterr()
     assert out.count("filled:") == 2 and "no mask token" in err
+
+
+def test_cli_on_a_terminal_prints_blanks_as_decoded_in_input_order(tokenizer, saved_model, monkeypatch, capsys):
+    checkpoint, tokenizer_file = saved_model
+    texts = ["The [MASK] is [sMASK].", "A [gMASK]", "The [MASK]."]  # the second finishes first
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert cli_main(["generate", checkpoint, "--tokenizer", tokenizer_file, *texts, "--max-new-tokens", "3",
+                     "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    expected = fill_blanks(load_checkpoint(checkpoint), tokenizer, texts, max_new_tokens=3)
+    assert [line for line in lines if line.startswith("  context:")] == [f"  context: {t}" for t in texts]
+    assert [line for line in lines if line.startswith("  filled:")] == [
+        f"  filled:  {r.text}".replace("\n", "\\n") for r in expected]
+    blank_lines = [line.strip() for line in lines if line.strip().startswith("blank ")]
+    one_line = lambda text: text.replace("\n", "\\n")  # noqa: E731  (as the CLI prints it)
+    assert blank_lines == [f"blank {i}: {one_line(b.text)}  (ended by {b.stop})".strip()
+                           for r in expected for i, b in enumerate(r.blanks, 1)]

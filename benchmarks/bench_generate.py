@@ -72,7 +72,8 @@ def step_positions(batch: int, context: int, step: int, device: torch.device) ->
 
 
 # --------------------------------------------------------------------------------------------
-# The three ways to decode (each: prefill(rows) -> state; decode(state, steps) -> tokens [B, steps])
+# The three ways to decode (each: prefill(rows) -> state, computed once; decode(state, steps) ->
+# tokens [B, steps], which leaves the state as the prefill left it)
 
 
 def cache_prefill(model: GLMModel, rows, steps: int):
@@ -85,6 +86,7 @@ def cache_prefill(model: GLMModel, rows, steps: int):
 def cache_decode(model: GLMModel, rows, state, steps: int) -> torch.Tensor:
     ids, _, sep = rows
     cache, logits = state
+    cache.trim([ids.shape[1]] * len(sep))  # back to the prefill: every timed run decodes the same tokens
     context, first = ids.shape[1] - 1, torch.zeros_like(sep)
     tokens = []
     for step in range(steps):
@@ -177,19 +179,10 @@ def steps_for(method: str, batch: int, args: argparse.Namespace) -> tuple[int, i
 def measure_method(model, method: str, rows, batch: int, args, device) -> dict[str, Any]:
     prefill, decode = METHODS[method]
     steps, warmup, iters = steps_for(method, batch, args)
-    states = []
-
-    def setup():
-        state = prefill(model, rows, steps) if prefill is not None else None
-        states.append(state)
-        return (state,)
-
+    state = prefill(model, rows, steps) if prefill is not None else None
     tokens = []
-
-    def run(state):
-        tokens.append(decode(model, rows, state, steps))
-
-    timing = time_fn(run, device, warmup=warmup, iters=iters, setup=setup, flush_cache=False)
+    timing = time_fn(lambda: tokens.append(decode(model, rows, state, steps)), device, warmup=warmup,
+                     iters=iters, flush_cache=False)
     seconds = timing["median_ms"] * 1e-3
     return {"method": method, "batch": batch, "steps": steps, "warmup": warmup, "iters": iters,
             "timing": timing, "step_ms": timing["median_ms"] / steps,

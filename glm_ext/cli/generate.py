@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -165,11 +164,6 @@ def generation_config(args: argparse.Namespace):
 
     from glm_ext.generation import GENERATION_PRESETS, GenerationConfig
 
-    for option, value in (("--temperature", args.temperature), ("--top-p", args.top_p),
-                          ("--length-penalty", args.length_penalty),
-                          ("--repetition-penalty", args.repetition_penalty)):
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"{option} must be a finite number, got {value}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed must be an integer in [0, 2**63), got {args.seed}")
     settings = {

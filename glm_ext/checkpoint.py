@@ -1,8 +1,10 @@
 """Checkpoints: our own format, and import/export of the authors' (THUDM/GLM) checkpoints.
 
-Our format is a directory holding ``model.safetensors`` (the weights) and ``config.json`` (the
-``GLMConfig`` fields), written atomically: into a temporary directory next to the target, fsynced,
-then renamed into place, so a reader finds either the old complete checkpoint or the new one.
+Our format is a directory holding ``model.safetensors`` (the weights), ``config.json`` (the
+``GLMConfig`` fields) and possibly ``tokenizer.json`` (the model's tokenizer, a ``GLMTokenizer.save``
+file, as ``glm-ext convert --tokenizer-files`` writes it), written atomically: into a temporary
+directory next to the target, fsynced, then renamed into place, so a reader finds either the old
+complete checkpoint or the new one.
 
 ``GLMModel``'s parameter names are the authors' keys (GLM_SPEC 3), so the translation to and from
 their layout only deals with the containers around the keys:
@@ -27,7 +29,7 @@ import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,9 +37,13 @@ from safetensors.torch import load_file, save_file
 from glm_ext.files import staged_directory, write_file_atomically
 from glm_ext.model import GLMConfig, GLMModel
 
+if TYPE_CHECKING:
+    from glm_ext.tokenizer import GLMTokenizer
+
 __all__ = [
     "AUTHORS_WEIGHTS_FILE",
     "CONFIG_FILE",
+    "TOKENIZER_FILE",
     "WEIGHTS_FILE",
     "check_state_dict",
     "export_authors_state_dict",
@@ -51,6 +57,7 @@ __all__ = [
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
 AUTHORS_WEIGHTS_FILE = "mp_rank_00_model_states.pt"
 AUTHORS_TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_WEIGHTS_FILE = "pytorch_model.bin"
@@ -133,7 +140,7 @@ def _check_replaceable(target: Path) -> None:
         return
     if target.is_symlink() or not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a plain directory; refusing to replace it")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE))
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE))
     if foreign:
         raise FileExistsError(
             f"{target} exists and holds files other than a glm_ext checkpoint ({', '.join(foreign)}); "
@@ -156,8 +163,10 @@ def save_checkpoint(
     directory: str | os.PathLike,
     *,
     config: GLMConfig | None = None,
+    tokenizer: GLMTokenizer | None = None,
 ) -> Path:
-    """Writes ``directory/model.safetensors`` and ``directory/config.json`` atomically.
+    """Writes ``directory/model.safetensors`` and ``directory/config.json`` (and ``tokenizer`` as
+    ``directory/tokenizer.json``) atomically.
 
     ``model_or_state`` is a ``GLMModel`` or a state dict in our (= the authors') keys, then with
     its ``config``. The weights are checked against the config before anything is written. An
@@ -172,6 +181,8 @@ def save_checkpoint(
         save_file({key: _standalone(value) for key, value in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            tokenizer.save(staging / TOKENIZER_FILE)
     return target
 
 

@@ -70,7 +70,9 @@ def pad_vocab_size(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 # Sizes from GLM_SPEC 3 and the authors' model scripts (THUDM/GLM config_tasks/model_blocklm_*.sh).
 # base/large/410m/515m were trained with BERT WordPiece (30522 tokens + GLM's specials, padded to
-# 30592); 2b/10b with GPT-2 BPE (50304). 410m and 515m use 512 positions, like base and large.
+# 30592); roberta-large with RoBERTa's BPE and 2b/10b with GPT-2's (50304); the Chinese models with
+# the cog-pretrain SentencePiece model (50000 pieces + specials: 50048); glm_ext.tokenizer's
+# PRESET_TOKENIZER_FAMILIES names each one's tokenizer. 410m and 515m use 512 positions, like base and large.
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     "tiny": dict(num_layers=4, hidden_size=128, num_heads=4, max_sequence_length=256, vocab_size=512),
     "base": dict(num_layers=12, hidden_size=768, num_heads=12, max_sequence_length=512, vocab_size=30592),
@@ -79,6 +81,9 @@ PRESETS: Mapping[str, Mapping[str, Any]] = {
     "515m": dict(num_layers=30, hidden_size=1152, num_heads=18, max_sequence_length=512, vocab_size=30592),
     "2b": dict(num_layers=36, hidden_size=2048, num_heads=32, max_sequence_length=1024, vocab_size=50304),
     "10b": dict(num_layers=48, hidden_size=4096, num_heads=64, max_sequence_length=1024, vocab_size=50304),
+    "roberta-large": dict(num_layers=24, hidden_size=1024, num_heads=16, max_sequence_length=512, vocab_size=50304),
+    "large-chinese": dict(num_layers=24, hidden_size=1024, num_heads=16, max_sequence_length=1024, vocab_size=50048),
+    "10b-chinese": dict(num_layers=48, hidden_size=4096, num_heads=64, max_sequence_length=1024, vocab_size=50048),
 }
 
 

@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from glm_ext.checkpoint import is_checkpoint
+from glm_ext.checkpoint import TOKENIZER_FILE, is_checkpoint
 from glm_ext.files import staged_directory, write_file_atomically
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 CONFIG_FILE = "train_config.json"
-TOKENIZER_FILE = "tokenizer.json"
 METRICS_FILE = "metrics.jsonl"
 LATEST_FILE = "latest"
 CHECKPOINTS_DIR = "checkpoints"
@@ -115,10 +114,11 @@ class RunDirectory:
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None]:
     """(model checkpoint directory, the tokenizer that goes with it or None) for what a user names:
-    a run directory (its newest checkpoint), a ``checkpoints/step-N`` directory, or a checkpoint."""
+    a run directory (its newest checkpoint), a ``checkpoints/step-N`` directory, or a checkpoint
+    (with the ``tokenizer.json`` it carries, e.g. written by ``glm-ext convert --tokenizer-files``)."""
     root = Path(path)
     if is_checkpoint(root):
-        return root, None
+        return root, root / TOKENIZER_FILE if (root / TOKENIZER_FILE).is_file() else None
     if is_checkpoint(root / MODEL_DIR):
         return root / MODEL_DIR, root.parent.parent / TOKENIZER_FILE
     step_dir = RunDirectory(root).latest_checkpoint()

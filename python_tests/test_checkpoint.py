@@ -18,7 +18,12 @@ from glm_ext.checkpoint import (
     save_checkpoint,
 )
 from glm_ext.cli import main as cli_main
+from glm_ext.data.corpus import default_corpus
+from glm_ext.generation import fill_blanks
 from glm_ext.model import GLMConfig, GLMModel
+from glm_ext.run_dir import resolve_model_source
+from glm_ext.tokenizer import GLMTokenizer
+from tokenizer_files import train_sentencepiece, write_bpe_files, write_wordpiece_vocab
 
 CONFIG = GLMConfig(vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, max_sequence_length=12)
 
@@ -310,3 +315,90 @@ def test_convert_with_a_preset_and_errors(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "x"), "--preset", "base"]) == 1
     assert "mis-shaped keys" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# glm-ext convert --tokenizer-files: a checkpoint that carries its tokenizer
+
+
+def tokenizer_files(family, folder):
+    """Small files of ``family`` written in the test, as --tokenizer-files takes them."""
+    if family == "wordpiece":
+        return [write_wordpiece_vocab(folder)]
+    if family in ("roberta", "gpt2"):
+        return list(write_bpe_files(folder, roberta=family == "roberta")[:2])
+    pytest.importorskip("sentencepiece")
+    return [train_sentencepiece(folder, default_corpus()[:20])]
+
+
+def authors_checkpoint(folder, vocab_size):
+    """An authors'-layout checkpoint of a small random model, with its config as a JSON file."""
+    config = GLMConfig(vocab_size=vocab_size, hidden_size=16, num_layers=2, num_heads=2, max_sequence_length=64)
+    model = random_model(config)
+    save_authors_checkpoint(model, folder / "authors.pt")
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    return model, str(folder / "authors.pt"), str(folder / "config.json")
+
+
+@pytest.mark.parametrize("family, text", [
+    ("wordpiece", "the cat [MASK] on the mat."),
+    ("roberta", "the cat [MASK] the [sMASK]"),
+    ("gpt2", " the cat [MASK] the [gMASK]"),
+    ("chinese-sp", "清华大学位于[MASK]。"),
+])
+def test_a_converted_checkpoint_with_each_tokenizer_family_generates(tmp_path, capsys, family, text):
+    files = [str(path) for path in tokenizer_files(family, tmp_path)]
+    tokenizer = GLMTokenizer.from_files(family, files)
+    model, authors, config = authors_checkpoint(tmp_path, tokenizer.padded_vocab_size)
+    out = tmp_path / "converted"
+    argv = ["convert", authors, str(out), "--config", config, "--tokenizer-files", *files, "--tokenizer-family", family]
+    assert cli_main(argv) == 0
+    assert f"with its tokenizer ({tokenizer.vocab_size} tokens)" in capsys.readouterr().out
+    carried = GLMTokenizer.from_file(out / "tokenizer.json")
+    assert carried.special_ids == tokenizer.special_ids and carried.sha256 == tokenizer.sha256
+    assert resolve_model_source(out) == (out, out / "tokenizer.json")
+
+    assert cli_main(["generate", str(out), text, "--max-new-tokens", "3"]) == 0
+    expected = fill_blanks(model, tokenizer, text, max_new_tokens=3)
+    printed = capsys.readouterr().out
+    assert len(expected.blanks) == printed.count("blank ") >= 1
+    for i, blank in enumerate(expected.blanks, 1):
+        assert f"blank {i}: {blank.text!r}" in printed
+
+    # Converting again into the same directory replaces it; a glm_ext source passes its tokenizer on.
+    assert cli_main(argv) == 0
+    assert cli_main(["convert", str(out), str(tmp_path / "again")]) == 0
+    assert GLMTokenizer.from_file(tmp_path / "again" / "tokenizer.json").sha256 == tokenizer.sha256
+
+
+def test_convert_tokenizer_errors(tmp_path, capsys):
+    vocab_txt = str(write_wordpiece_vocab(tmp_path))
+    vocab_json, merges_txt = (str(path) for path in write_bpe_files(tmp_path / "bpe", roberta=True)[:2])
+    _, authors, config = authors_checkpoint(tmp_path, 256)  # the WordPiece test vocabulary needs 128 rows
+    out = str(tmp_path / "out")
+
+    def fails(status, message, *args):
+        assert cli_main(["convert", *args]) == status
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(out)
+
+    fails(1, "the tokenizer has 36 tokens (128 rows once padded to a multiple of 128) but the checkpoint's word "
+             "embedding has 256 rows", authors, out, "--config", config, "--tokenizer-files", vocab_txt,
+          "--tokenizer-family", "wordpiece")
+    fails(1, "the roberta tokenizer is built from 2 file(s) (vocab.json merges.txt), got 1",
+          authors, out, "--config", config, "--tokenizer-files", vocab_json, "--tokenizer-family", "roberta")
+    fails(1, "merges_file", authors, out, "--config", config, "--tokenizer-files", vocab_json,
+          str(tmp_path / "missing.txt"), "--tokenizer-family", "roberta")
+    fails(1, "--tokenizer-files needs --tokenizer-family NAME", authors, out, "--config", config,
+          "--tokenizer-files", vocab_txt)
+    # A preset names the family its checkpoint was trained with; files or a family that do not fit it are refused
+    # before the weights are read.
+    fails(1, "the wordpiece tokenizer is built from 1 file(s) (vocab.txt), got 2",
+          authors, out, "--preset", "large", "--tokenizer-files", vocab_json, merges_txt)
+    fails(1, "--tokenizer-family roberta does not fit --preset large, which the authors trained with the "
+             "wordpiece tokenizer", authors, out, "--preset", "large", "--tokenizer-files", vocab_json, merges_txt,
+          "--tokenizer-family", "roberta")
+    fails(2, "the authors' layout holds no tokenizer", authors, out, "--config", config, "--to", "authors",
+          "--tokenizer-files", vocab_txt, "--tokenizer-family", "wordpiece")
+    fails(2, "--tokenizer-family needs --tokenizer-files", authors, out, "--config", config,
+          "--tokenizer-family", "wordpiece")

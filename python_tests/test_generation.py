@@ -31,6 +31,7 @@ from glm_ext.generation import (
 )
 from glm_ext.model import GLMConfig, GLMModel, KVCache, pad_vocab_size
 from glm_ext.tokenizer import GLMTokenizer
+from tokenizer_files import train_sentencepiece, write_bpe_files, write_wordpiece_vocab
 
 TEXTS = [
     'The "while" statement is used for repeated execution as long as an expression is true.',
@@ -781,6 +782,23 @@ def test_special_token_texts_can_be_read_as_plain_text(tokenizer):
     assert tokenizer.decode(plain[1:-1]) == "<|endofpiece|> [CLS] runs[MASK]."
     result = fill_blanks(random_model(tokenizer), tokenizer, text, special_tokens_as_text=True, max_new_tokens=2)
     assert result.context_ids == tuple(plain)
+
+
+@pytest.mark.parametrize("family", ["wordpiece", "gpt2", "chinese-sp"])
+def test_special_token_texts_as_plain_text_in_every_tokenizer_family(tmp_path, family):
+    if family == "wordpiece":
+        files = [write_wordpiece_vocab(tmp_path)]
+    elif family == "gpt2":
+        files = list(write_bpe_files(tmp_path, roberta=False)[:2])
+    else:
+        pytest.importorskip("sentencepiece")
+        files = [train_sentencepiece(tmp_path, TEXTS)]
+    tokenizer = GLMTokenizer.from_files(family, [str(path) for path in files])
+    special = tokenizer.special_ids
+    text = "the <|endofpiece|> [CLS] cat [MASK]."
+    assert special.eop in encode_context(tokenizer, text)
+    plain = encode_context(tokenizer, text, special_tokens_as_text=True)
+    assert special.eop not in plain and plain.count(special.cls) == 1 and plain.count(special.mask) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ def test_presets_follow_the_spec():
     sizes = {
         "base": (12, 768, 12, 512), "large": (24, 1024, 16, 512), "410m": (30, 1024, 16, 512),
         "515m": (30, 1152, 18, 512), "2b": (36, 2048, 32, 1024), "10b": (48, 4096, 64, 1024),
+        # not in the spec: from the authors' model_blocklm_{roberta_large,large_chinese,10B_chinese}.sh
+        "roberta-large": (24, 1024, 16, 512), "large-chinese": (24, 1024, 16, 1024), "10b-chinese": (48, 4096, 64, 1024),
     }
     for name, (layers, hidden, heads, max_len) in sizes.items():
         c = GLMConfig.preset(name)

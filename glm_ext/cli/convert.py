@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from glm_ext.cli.common import error, reports_errors
 
@@ -26,6 +27,16 @@ def add_parser(commands) -> None:
                                help="architecture of an authors' SRC: a preset of glm_ext.model.PRESETS "
                                     "(base, large, 410m, 515m, 2b, 10b, ...)")
     source_config.add_argument("--config", metavar="JSON", help="GLMConfig fields of an authors' SRC (a JSON file)")
+    tokenizer = parser.add_argument_group(
+        "tokenizer", "DST (--to ours) carries the model's tokenizer as tokenizer.json, so that glm-ext generate DST "
+        "runs on it; a glm_ext SRC passes on the one it carries.")
+    tokenizer.add_argument("--tokenizer-files", nargs="+", metavar="FILE",
+                           help="the files SRC was trained with: vocab.txt (wordpiece), vocab.json merges.txt "
+                                "(roberta, gpt2) or cog-pretrain.model (chinese-sp)")
+    tokenizer.add_argument("--tokenizer-family", metavar="NAME",
+                           help="how to read --tokenizer-files: wordpiece, wordpiece-cased, roberta, gpt2, chinese-sp "
+                                "(GLM-Large-Chinese), chinese-sp-10b (GLM-10B-Chinese); default: the one --preset "
+                                "was trained with (glm_ext.tokenizer.PRESET_TOKENIZER_FAMILIES)")
     parser.set_defaults(run=run)
 
 
@@ -39,6 +50,24 @@ def _source_config(args: argparse.Namespace):
         return GLMConfig.from_dict(json.load(f))
 
 
+def _tokenizer(args: argparse.Namespace, ours: bool):
+    """The tokenizer DST carries: built from --tokenizer-files, or the one a glm_ext SRC carries, or None."""
+    from glm_ext.checkpoint import TOKENIZER_FILE
+    from glm_ext.tokenizer import PRESET_TOKENIZER_FAMILIES, GLMTokenizer
+
+    if not args.tokenizer_files:
+        carried = Path(args.src) / TOKENIZER_FILE
+        return GLMTokenizer.from_file(carried) if ours and carried.is_file() else None
+    trained_with = PRESET_TOKENIZER_FAMILIES.get(args.preset)
+    family = args.tokenizer_family or trained_with
+    if family is None:
+        raise ValueError("--tokenizer-files needs --tokenizer-family NAME (or the --preset of a released model)")
+    if trained_with and family != trained_with:
+        raise ValueError(f"--tokenizer-family {family} does not fit --preset {args.preset}, "
+                         f"which the authors trained with the {trained_with} tokenizer")
+    return GLMTokenizer.from_files(family, args.tokenizer_files)
+
+
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     from glm_ext import checkpoint
@@ -48,16 +77,24 @@ def run(args: argparse.Namespace) -> int:
         return error(f"{args.src} is a glm_ext checkpoint with its own config.json; drop --preset/--config", 2)
     if not ours and not (args.preset or args.config):
         return error("an authors' checkpoint needs --preset NAME or --config JSON", 2)
+    if args.tokenizer_family and not args.tokenizer_files:
+        return error("--tokenizer-family needs --tokenizer-files", 2)
+    if args.tokenizer_files and args.to == "authors":
+        return error("the authors' layout holds no tokenizer: drop --tokenizer-files or convert --to ours", 2)
+    tokenizer = _tokenizer(args, ours) if args.to == "ours" else None
     if ours:
         model = checkpoint.load_checkpoint(args.src)
     else:
         model = checkpoint.import_authors_checkpoint(args.src, _source_config(args))
+    if args.tokenizer_files:
+        tokenizer.check_embedding_rows(model.config.vocab_size)
     if args.to == "ours":
-        written = checkpoint.save_checkpoint(model, args.dst)
+        written = checkpoint.save_checkpoint(model, args.dst, tokenizer=tokenizer)
     else:
         written = checkpoint.save_authors_checkpoint(model, args.dst)
     layouts = {True: "glm_ext checkpoint", False: "authors' layout"}
     parameters = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} ({layouts[ours]}) -> {written} ({layouts[args.to == 'ours']}): "
-          f"{parameters:,} parameters, {model.config}")
+          f"{parameters:,} parameters, {model.config}"
+          + (f", with its tokenizer ({tokenizer.vocab_size} tokens)" if tokenizer else ""))
     return 0

@@ -221,11 +221,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny preset, context 64, few steps")
-    p.add_argument("--preset", choices=list(PRESETS), default=None, help="model size (default: base; tiny with --quick)")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help="model size (default: base; tiny with --quick)")
     p.add_argument("--context", type=int, default=None, help="context tokens per row (default: 512; 64 with --quick)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32],
                    help="comma-separated batch sizes, 1 first (default: 1,32)")
-    p.add_argument("--steps", type=int, default=None, help="decode steps of the cache method (default: 16; 8 with --quick)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="decode steps of the cache method (default: 16; 8 with --quick)")
     p.add_argument("--iters", type=int, default=3, help="timed runs of the fast methods (default: 3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights (default: bfloat16 on CUDA, float32 elsewhere)")

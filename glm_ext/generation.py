@@ -328,7 +328,8 @@ def encode_context(
         pieces = re.split(f"({masks})", re.sub(f" (?={masks})", "", text_or_ids))
         ids = []
         for i, piece in enumerate(pieces):  # odd pieces are the mask tokens
-            ids += [spellings[piece]] if i % 2 else tokenizer.encode(piece, special_tokens_as_text=special_tokens_as_text)
+            ids += [spellings[piece]] if i % 2 else tokenizer.encode(
+                piece, special_tokens_as_text=special_tokens_as_text)
     elif isinstance(text_or_ids, torch.Tensor):
         ids = text_or_ids.reshape(-1).tolist()
     else:
@@ -758,7 +759,8 @@ def _choose_tokens(scores: torch.Tensor, config: GenerationConfig, generators: S
         chosen = scores.argmax(dim=-1).tolist()
     else:
         probs = logits_to_probs(scores, config.temperature, config.top_k, config.top_p)
-        draws = [torch.multinomial(probs[i : i + 1], 1, generator=generator).view(1) if ok else probs.new_zeros(1, dtype=torch.int64)
+        nothing = torch.zeros(1, dtype=torch.int64, device=scores.device)
+        draws = [torch.multinomial(probs[i : i + 1], 1, generator=generator).view(1) if ok else nothing
                  for i, (generator, ok) in enumerate(zip(generators, allowed))]
         chosen = torch.cat(draws).tolist()
     return [token if ok else None for token, ok in zip(chosen, allowed)]
@@ -820,7 +822,9 @@ def _resolve_config(config: GenerationConfig | str | None, settings: dict[str, A
     fields = {field.name for field in dataclasses.fields(GenerationConfig)}
     unknown = sorted(set(settings) - fields)
     if unknown:
-        raise TypeError(f"unknown generation setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(fields))}")
+        raise TypeError(
+            f"unknown generation setting(s) {', '.join(unknown)}; the settings are {', '.join(sorted(fields))}"
+        )
     return dataclasses.replace(config, **settings)
 
 
@@ -864,7 +868,9 @@ def stream_blanks(
         )
     bad_stops = [token for token in config.stop_token_ids if token >= tokenizer.vocab_size]
     if bad_stops:
-        raise ValueError(f"stop_token_ids must be ids of the tokenizer's vocabulary of {tokenizer.vocab_size}, got {bad_stops}")
+        raise ValueError(
+            f"stop_token_ids must be ids of the tokenizer's vocabulary of {tokenizer.vocab_size}, got {bad_stops}"
+        )
     seeds = _seeds(seed, len(contexts))
     encoded = []
     for i, item in enumerate(contexts):
@@ -875,12 +881,15 @@ def stream_blanks(
             raise ValueError(f"context {i}: {exc}" if len(contexts) > 1 else str(exc)) from None
         blanks = len(mask_positions(encoded[-1], tokenizer.special_ids))
         if len(config.limits) > 1 and blanks > len(config.limits):
-            raise ValueError(f"max_new_tokens gives limits for {len(config.limits)} blanks, but context {i} has {blanks}")
+            raise ValueError(
+                f"max_new_tokens gives limits for {len(config.limits)} blanks, but context {i} has {blanks}"
+            )
     return _decode_contexts(model, tokenizer, encoded, config, seeds, use_cache)
 
 
-def _decode_contexts(model, tokenizer, contexts: list[list[int]], config: GenerationConfig, seeds: list[int | None],
-            use_cache: bool, *, beam_search: bool | None = None) -> Iterator[BlankUpdate]:
+def _decode_contexts(model, tokenizer, contexts: list[list[int]], config: GenerationConfig,
+                     seeds: list[int | None], use_cache: bool, *, beam_search: bool | None = None
+                     ) -> Iterator[BlankUpdate]:
     """Decodes checked contexts. ``beam_search`` (default: ``num_beams > 1``) forces the search;
     beam search with one beam gives the greedy tokens, which the tests check this way."""
     if not contexts:

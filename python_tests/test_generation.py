@@ -631,7 +631,8 @@ def test_stop_strings_and_stop_token_ids_end_a_blank(tokenizer):
     model = Spy(random_model(tokenizer), force)
     blank = fill_blanks(model, tokenizer, "The [MASK].", max_new_tokens=10, stop_strings=["used"]).blanks[0]
     assert blank.stop == "stop_string" and blank.text.endswith("used")
-    assert "used" not in tokenizer.decode(blank.token_ids[:-1]) and blank.token_ids == tuple(words[: len(blank.token_ids)])
+    assert "used" not in tokenizer.decode(blank.token_ids[:-1])
+    assert blank.token_ids == tuple(words[: len(blank.token_ids)])
     blank = fill_blanks(model, tokenizer, "The [MASK].", max_new_tokens=10, stop_token_ids=[words[2]]).blanks[0]
     assert blank.stop == "stop_token" and blank.token_ids == tuple(words[:2])
     # Before min_new_tokens a stop token is not drawn.
@@ -832,8 +833,8 @@ def test_kv_cache_rows_of_different_lengths_match_each_row_alone(tokenizer, enco
         for row, t in zip(rows, new):
             row.extend(t)
         for row, sep, got in zip(rows, seps, logits):
-            alone = model(torch.tensor([[x[0] for x in row]]), torch.tensor([[[x[1] for x in row], [x[2] for x in row]]]),
-                          torch.tensor([sep]))[0, -1]
+            row_positions = torch.tensor([[[x[1] for x in row], [x[2] for x in row]]])
+            alone = model(torch.tensor([[x[0] for x in row]]), row_positions, torch.tensor([sep]))[0, -1]
             torch.testing.assert_close(got, alone, rtol=1e-10, atol=1e-10)
         assert cache.lengths == [len(row) for row in rows]
 
@@ -944,7 +945,8 @@ def test_cli_names_the_bad_context(saved_model, capsys, tmp_path):
 def test_cli_interactive_prompt_loop(saved_model, monkeypatch, capsys):
     checkpoint, tokenizer_file = saved_model
     monkeypatch.setattr(sys, "stdin", io.StringIO("The [MASK].\nno blank\nA [MASK] [MASK].\n\n"))
-    assert cli_main(["generate", checkpoint, "--tokenizer", tokenizer_file, "--interactive", "--max-new-tokens", "3"]) == 0
+    argv = ["generate", checkpoint, "--tokenizer", tokenizer_file, "--interactive", "--max-new-tokens", "3"]
+    assert cli_main(argv) == 0
     out, err = capsys.readouterr()
     assert out.count("filled:") == 2 and "no mask token" in err
 

@@ -307,7 +307,8 @@ def _interactive(model, tokenizer, config, args) -> int:
                 for _ in _decode_batches(model, tokenizer, [ids], [text], config, args, live=True):
                     pass
             else:
-                print_fill(text, fill_blanks(model, tokenizer, ids, config, seed=args.seed, use_cache=not args.no_cache))
+                result = fill_blanks(model, tokenizer, ids, config, seed=args.seed, use_cache=not args.no_cache)
+                print_fill(text, result)
         except ValueError as exc:
             error(_name_options(str(exc)))
 

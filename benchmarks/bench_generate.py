@@ -25,7 +25,9 @@ after: a shared machine makes absolute figures noisy.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import default_device, environment_info, print_table, select_device, time_fn, write_results
+from benchmarks.common import default_device, environment_info, print_table, select_device, write_results
 from glm_ext import reference
 from glm_ext.generation import fill_blanks
 from glm_ext.model import PRESETS, GLMConfig, GLMModel, KVCache
@@ -167,47 +169,70 @@ METHODS: dict[str, tuple[Callable | None, Callable]] = {
 # Measuring
 
 
-def steps_for(method: str, batch: int, args: argparse.Namespace) -> tuple[int, int, int]:
-    """(decode steps, warm-up runs, timed runs): the slow methods run few steps (their cost per
-    step hardly changes over a few tokens of a long context)."""
-    if method == "cache":
-        return args.steps, 1, args.iters
-    if method == "fill_blanks":  # its runs include the prefill, which dominates at large batches
-        return (args.steps, 1, args.iters) if batch == 1 else (args.steps, 0, 2)
+def steps_for(method: str, batch: int, args: argparse.Namespace) -> int:
+    """Decode steps of one timed run: the slow methods run few (their cost per step hardly changes
+    over a few tokens of a long context)."""
+    if method in ("cache", "fill_blanks"):
+        return args.steps
     slow = max(1, args.steps // (4 if method == "authors_mems" else 8))
-    return (slow, 1, args.iters) if batch == 1 else (max(1, slow // 2), 0, 1)
+    return slow if batch == 1 else max(1, slow // 2)
 
 
-def measure_method(model, method: str, rows, batch: int, args, device) -> dict[str, Any]:
-    prefill, decode = METHODS[method]
-    steps, warmup, iters = steps_for(method, batch, args)
-    state = prefill(model, rows, steps) if prefill is not None else None
-    tokens = []
-    timing = time_fn(lambda: tokens.append(decode(model, rows, state, steps)), device, warmup=warmup,
-                     iters=iters, flush_cache=False)
-    seconds = timing["median_ms"] * 1e-3
-    return {"method": method, "batch": batch, "steps": steps, "warmup": warmup, "iters": iters,
-            "timing": timing, "step_ms": timing["median_ms"] / steps,
-            "tokens_per_s": batch * steps / seconds, "tokens": tokens[-1].cpu()}
+def seconds_of(run: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """(wall-clock seconds, result) of one call, the device synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, result
 
 
-def measure_prefill(model, rows, device, iters: int) -> float:
-    """Median milliseconds of the cache method's prefill (context + <sop>)."""
-    return time_fn(lambda: cache_prefill(model, rows, 1), device, warmup=1, iters=iters, flush_cache=False)["median_ms"]
-
-
-def measure_fill_blanks(model, tokenizer, rows, batch: int, args, device, prefill_ms: float) -> dict[str, Any]:
-    steps, warmup, iters = steps_for("fill_blanks", batch, args)
+def measure_batch(model, tokenizer, rows, batch: int, args, device) -> list[dict[str, Any]]:
+    """Times every method on ``rows`` in rounds, each round running each method once (so that a
+    change of a shared machine's load hits all of them alike); medians over the rounds."""
+    runs: dict[str, tuple[int, Callable[[], Any]]] = {}
+    for method, (prefill, decode) in METHODS.items():
+        steps = steps_for(method, batch, args)
+        state = prefill(model, rows, steps) if prefill is not None else None
+        decode(model, rows, state, 1)  # warm-up
+        runs[method] = (steps, functools.partial(decode, model, rows, state, steps))
     ids = rows[0][:, :-1].remainder(tokenizer.vocab_size - 10).add(10).tolist()  # ids the tokenizer knows
     for row in ids:
         row[0], row[-1] = tokenizer.special_ids.cls, tokenizer.special_ids.gmask
-    timing = time_fn(lambda: fill_blanks(model, tokenizer, ids, max_new_tokens=steps, min_new_tokens=steps),
-                     device, warmup=warmup, iters=iters, flush_cache=False)
-    seconds = timing["median_ms"] * 1e-3
-    decode_seconds = max(seconds - prefill_ms * 1e-3, 1e-9)
-    return {"method": "fill_blanks", "batch": batch, "steps": steps, "warmup": warmup, "iters": iters,
-            "timing": timing, "step_ms": timing["median_ms"] / steps, "tokens_per_s": batch * steps / seconds,
-            "decode_tokens_per_s": batch * steps / decode_seconds}
+    runs["fill_blanks"] = (args.steps, lambda: fill_blanks(model, tokenizer, ids, max_new_tokens=args.steps,
+                                                           min_new_tokens=args.steps))
+    runs["prefill"] = (0, lambda: cache_prefill(model, rows, 1))
+
+    seconds: dict[str, list[float]] = {method: [] for method in runs}
+    tokens: dict[str, torch.Tensor] = {}
+    for round_index in range(args.rounds):
+        for method, (_, run) in runs.items():
+            elapsed, result = seconds_of(run, device)
+            seconds[method].append(elapsed)
+            if round_index == 0 and method in METHODS:
+                tokens[method] = result.cpu()
+        print(f"  batch {batch:3d} round {round_index + 1}: "
+              + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
+    shortest = min(t.shape[1] for t in tokens.values())
+    match = all(torch.equal(t[:, :shortest], tokens["cache"][:, :shortest]) for t in tokens.values())
+
+    median = {method: statistics.median(values) for method, values in seconds.items()}
+    results = []
+    for method, (steps, _) in runs.items():
+        if method == "prefill":
+            continue
+        row = {"method": method, "batch": batch, "steps": steps, "rounds": args.rounds,
+               "run_seconds": seconds[method], "step_ms": median[method] / steps * 1e3,
+               "tokens_per_s": batch * steps / median[method]}
+        if method in METHODS:
+            row["tokens_match"] = match
+        else:  # fill_blanks: end to end; decoding alone = minus the cache method's prefill
+            row["prefill_seconds"] = median["prefill"]
+            row["decode_tokens_per_s"] = batch * steps / max(median[method] - median["prefill"], 1e-9)
+        results.append(row)
+    return results
 
 
 def load_average() -> list[float] | None:
@@ -228,7 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="comma-separated batch sizes, 1 first (default: 1,32)")
     p.add_argument("--steps", type=int, default=None,
                    help="decode steps of the cache method (default: 16; 8 with --quick)")
-    p.add_argument("--iters", type=int, default=3, help="timed runs of the fast methods (default: 3)")
+    p.add_argument("--rounds", type=int, default=3, help="timed runs of every method (default: 3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="weights (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--out", type=Path, default=None,
@@ -282,25 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for batch in args.batches:
             rows = make_rows(config, batch, context, special.gmask, special.sop, config.vocab_size, device,
                              torch.Generator().manual_seed(args.seed + batch))
-            tokens = {}
-            for method in METHODS:
-                t0 = time.perf_counter()
-                row = measure_method(model, method, rows, batch, args, device)
-                tokens[method] = row.pop("tokens")
-                rows_out.append(row)
-                print(f"  batch {batch:3d} {method:13s} {row['step_ms']:10.1f} ms/step {row['tokens_per_s']:10.1f} "
-                      f"tokens/s ({time.perf_counter() - t0:.0f} s)", flush=True)
-            shortest = min(t.shape[1] for t in tokens.values())
-            match = all(torch.equal(t[:, :shortest], tokens["cache"][:, :shortest]) for t in tokens.values())
-            for row in rows_out[-len(METHODS):]:
-                row["tokens_match"] = match
-            prefill_ms = measure_prefill(model, rows, device, args.iters)
-            row = measure_fill_blanks(model, tokenizer, rows, batch, args, device, prefill_ms)
-            row["prefill_ms"] = prefill_ms
-            rows_out.append(row)
-            print(f"  batch {batch:3d} {'fill_blanks':13s} {row['step_ms']:10.1f} ms/step {row['tokens_per_s']:10.1f} "
-                  f"tokens/s end to end, {row['decode_tokens_per_s']:.1f} decoding (prefill {prefill_ms:.0f} ms)",
-                  flush=True)
+            rows_out += measure_batch(model, tokenizer, rows, batch, args, device)
 
     by_key = {(r["method"], r["batch"]): r for r in rows_out}
     for row in rows_out:
@@ -328,10 +335,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {
             "preset": preset, "model_config": config.to_dict(), "context": context, "batches": args.batches,
             "dtype": str(dtype).removeprefix("torch."), "attention_backend": model.attention_backend,
-            "steps": args.steps, "iters": args.iters, "seed": args.seed,
+            "steps": args.steps, "rounds": args.rounds, "seed": args.seed,
             "decoding": "greedy, one token per row per step after a prefill of context + <sop> (not timed)",
-            "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter")
-                      + " per decode run (all its steps), median; caches not flushed (decoding reuses them)",
+            "timing": "time.perf_counter per decode run (all its steps; device synchronised), in rounds "
+                      "that run every method once, median over the rounds; caches not flushed",
             "methods": {"cache": "glm_ext KVCache", "recompute": "whole sequence every step",
                         "authors_mems": "hidden states cached, LayerNorm + QKV of all of them every step",
                         "fill_blanks": "API end to end with the cache; decode_tokens_per_s subtracts the prefill"},

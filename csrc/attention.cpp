@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -46,6 +47,23 @@ void check_like(const at::Tensor& t, const char* name, const at::Tensor& like, c
                     " must be on the device of ", like_name, " (", like.device(), "), got ", t.device());
   TORCH_CHECK_VALUE(t.sizes() == like.sizes(), "mixed_mask_attention: ", name,
                     " must have the shape of ", like_name, " ", like.sizes(), ", got ", t.sizes());
+}
+
+// sep as int32 for the kernels, never wrapped: host values beyond int32 are refused here (the
+// contract's range check in mixed_mask_attention_samples sees only int32), device values saturate
+// to INT32_MIN / INT32_MAX, which the device-side check then rejects without a synchronisation.
+at::Tensor sep_as_int32(const at::Tensor& sep) {
+  if (sep.scalar_type() == at::kInt) return sep.contiguous();
+  constexpr int64_t kLow = std::numeric_limits<int32_t>::min(), kHigh = std::numeric_limits<int32_t>::max();
+  if (sep.device().is_cpu()) {
+    const auto values = sep.contiguous();
+    const int64_t* v = values.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < values.numel(); ++i) {
+      TORCH_CHECK_VALUE(v[i] >= kLow && v[i] <= kHigh, "mixed_mask_attention: sep must lie in [0, L] with L the "
+                        "length of its sample, got sep[", i, "] = ", v[i]);
+    }
+  }
+  return sep.clamp(kLow, kHigh).to(at::kInt).contiguous();
 }
 
 // "[0, 3, 7]" (the first 16 values, then "...").
@@ -144,7 +162,7 @@ MixedMaskAttentionArgs check_mixed_mask_attention_inputs(
   args.q = with_contiguous_head_dim(q);
   args.k = with_contiguous_head_dim(k);
   args.v = with_contiguous_head_dim(v);
-  args.sep = sep.to(at::kInt).contiguous();
+  args.sep = sep_as_int32(sep);
   args.q_layout = layout_of(args.q, packed);
   args.k_layout = layout_of(args.k, packed);
   args.v_layout = layout_of(args.v, packed);

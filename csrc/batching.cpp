@@ -12,27 +12,13 @@ namespace {
 using namespace span_shuffle;
 
 constexpr int64_t kMaxSpanLengthLimit = 4096;
+// Rows are indexed with int32: an assembled row (at most 3x its input) must fit.
+constexpr int64_t kMaxRowLength = int64_t{1} << 29;
 constexpr int32_t kMaxAttempts = 16;
 
 void check_probability(double value, const char* name, bool allow_zero) {
   TORCH_CHECK_VALUE(std::isfinite(value) && (allow_zero ? value >= 0 : value > 0) && value <= 1,
                     name, " must lie in ", allow_zero ? "[0, 1]" : "(0, 1]", ", got ", value);
-}
-
-// Truncated Poisson(lambda) over 1..max_length, renormalised, as a cumulative table.
-std::vector<double> span_length_cdf(double lambda, int64_t max_length) {
-  std::vector<double> pmf(max_length);
-  double log_factorial = 0, total = 0;
-  for (int64_t k = 1; k <= max_length; ++k) {
-    log_factorial += std::log(static_cast<double>(k));
-    pmf[k - 1] = std::exp(k * std::log(lambda) - lambda - log_factorial);
-    total += pmf[k - 1];
-  }
-  std::vector<double> cdf(max_length);
-  double running = 0;
-  for (int64_t k = 0; k < max_length; ++k) cdf[k] = (running += pmf[k] / total);
-  cdf.back() = 1.0;
-  return cdf;
 }
 
 int32_t choose_objective(at::ArrayRef<double> probs, uint64_t seed) {
@@ -49,7 +35,7 @@ std::string row_error(int64_t row, int32_t status, int64_t length, int32_t objec
                             std::to_string(length) + ") ";
   switch (status) {
     case kNoMaskableToken:
-      return where + "has no token that may be masked (only [CLS]/<eos> or nothing)";
+      return where + "has no token that may be masked (only [CLS]/<eos>)";
     case kSpansDoNotFit:
       return where + "is too short for its token-level spans: they did not fit in " +
              std::to_string(kMaxAttempts) + " draws (lower mask_ratio or max_span_length, or use longer rows)";
@@ -80,7 +66,8 @@ SpanShuffleOutputs run_span_shuffle_batch(
                    "tokens must be int32 or int64, got ", tokens.scalar_type());
   TORCH_CHECK_VALUE(tokens.dim() == 2, "tokens must be a 2-D batch [batch, length], got shape ",
                     tokens.sizes());
-  TORCH_CHECK_VALUE(tokens.size(1) < (int64_t{1} << 30), "rows longer than 2^30 tokens are not supported");
+  TORCH_CHECK_VALUE(tokens.size(1) <= kMaxRowLength, "tokens: rows longer than ", kMaxRowLength,
+                    " tokens are not supported, got ", tokens.size(1));
   TORCH_CHECK_VALUE(vocab_size > 0, "vocab_size must be positive, got ", vocab_size);
   const std::pair<const char*, int64_t> special[] = {
       {"cls_id", cls_id},     {"eos_id", eos_id},     {"pad_id", pad_id}, {"mask_id", mask_id},
@@ -104,12 +91,16 @@ SpanShuffleOutputs run_span_shuffle_batch(
     total += prob;
   }
   TORCH_CHECK_VALUE(std::abs(total - 1.0) < 1e-6, "objective_probs must sum to 1, got ", total);
-  TORCH_CHECK_VALUE(output_length >= 0, "output_length must be >= 0 (0: the longest row), got ",
+  TORCH_CHECK_VALUE(output_length >= 0 && output_length <= 3 * kMaxRowLength,
+                    "output_length must lie in [0, ", 3 * kMaxRowLength, "] (0: the longest row), got ",
                     output_length);
   TORCH_CHECK_TYPE(sentence_end_ids.scalar_type() == at::kLong || sentence_end_ids.scalar_type() == at::kInt,
                    "sentence_end_ids must be int32 or int64, got ", sentence_end_ids.scalar_type());
   TORCH_CHECK_VALUE(sentence_end_ids.dim() == 1, "sentence_end_ids must be 1-D, got shape ",
                     sentence_end_ids.sizes());
+  TORCH_CHECK_VALUE(sentence_end_ids.device() == tokens.device(),
+                    "sentence_end_ids must be on the device of tokens (", tokens.device(), "), got ",
+                    sentence_end_ids.device());
 
   const int64_t batch_size = tokens.size(0), max_len = tokens.size(1);
   const auto device = tokens.device();
@@ -121,13 +112,13 @@ SpanShuffleOutputs run_span_shuffle_batch(
                       "lengths must have shape [", batch_size, "], got ", lengths->sizes());
     TORCH_CHECK_VALUE(lengths->device() == device, "lengths must be on the device of tokens (",
                       device, "), got ", lengths->device());
-    row_lengths = lengths->to(at::kInt).contiguous();
-    if (batch_size > 0) {
-      const auto bounds = at::stack({row_lengths.min(), row_lengths.max()}).cpu();
-      TORCH_CHECK_VALUE(bounds[0].item<int32_t>() >= 0 && bounds[1].item<int32_t>() <= max_len,
-                        "lengths must lie in [0, tokens.size(1)=", max_len, "], got values in [",
-                        bounds[0].item<int32_t>(), ", ", bounds[1].item<int32_t>(), "]");
+    if (batch_size > 0) {  // checked before the values are narrowed to int32
+      const auto bounds = at::stack({lengths->min(), lengths->max()}).to(at::kCPU, at::kLong);
+      const int64_t low = bounds[0].item<int64_t>(), high = bounds[1].item<int64_t>();
+      TORCH_CHECK_VALUE(low >= 0 && high <= max_len, "lengths must lie in [0, tokens.size(1)=", max_len,
+                        "], got values in [", low, ", ", high, "]");
     }
+    row_lengths = lengths->to(at::kInt).contiguous();
   } else {
     row_lengths = at::full({batch_size}, max_len, tokens.options().dtype(at::kInt));
   }
@@ -139,8 +130,9 @@ SpanShuffleOutputs run_span_shuffle_batch(
   SpanShuffleBatch batch;
   batch.tokens = tokens.to(at::kLong).contiguous();
   batch.lengths = row_lengths;
-  const auto cdf = span_length_cdf(poisson_lambda, max_span_length);
-  batch.span_cdf = at::tensor(cdf, at::dtype(at::kDouble)).to(device);
+  auto cdf = at::empty({max_span_length}, at::dtype(at::kDouble));
+  span_length_cdf(poisson_lambda, static_cast<int32_t>(max_span_length), cdf.mutable_data_ptr<double>());
+  batch.span_cdf = cdf.to(device);
   batch.sentence_end_ids = std::get<0>(sentence_end_ids.to(device, at::kLong).sort()).contiguous();
   batch.objective = choose_objective(objective_probs, static_cast<uint64_t>(seed));
   batch.mask_token = batch.objective == kTokenLevel      ? mask_id
@@ -182,7 +174,7 @@ SpanShuffleOutputs run_span_shuffle_batch(
   auto loss_mask = at::empty({batch_size, width}, long_options);
   auto positions = at::empty({batch_size, 2, width}, long_options);
   auto sep = at::empty({batch_size}, int_options);
-  if (batch_size > 0 && width > 0) kernels.assemble(batch, width, out_tokens, targets, loss_mask, positions, sep);
+  if (batch_size > 0) kernels.assemble(batch, width, out_tokens, targets, loss_mask, positions, sep);  // sep even at width 0
   auto objective = at::full({}, batch.objective, long_options);
   return {out_tokens, targets, loss_mask, positions, sep, objective};
 }

@@ -16,7 +16,7 @@ void check_ids(const at::Tensor& ids, const char* name, const at::Tensor& like,
                const char* like_name) {
   TORCH_CHECK_TYPE(is_index_dtype(ids.scalar_type()), name, " must be int32 or int64, got ",
               ids.scalar_type());
-  TORCH_CHECK_VALUE(ids.device() == like.device(), name, " must be on the same device as ", like_name,
+  TORCH_CHECK_VALUE(ids.device() == like.device(), name, " must be on the device of ", like_name,
               " (", like.device(), "), got ", ids.device());
   TORCH_CHECK_VALUE(ids.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
               like.sizes(), ", got ", ids.sizes());
@@ -37,7 +37,7 @@ void check_table(const at::Tensor& table, const char* name, const at::Tensor& id
               table.sizes());
   TORCH_CHECK_TYPE(is_supported_float(table.scalar_type()), name,
               " must be float32, float16, bfloat16 or float64, got ", table.scalar_type());
-  TORCH_CHECK_VALUE(table.device() == ids.device(), name, " must be on the same device as input_ids (",
+  TORCH_CHECK_VALUE(table.device() == ids.device(), name, " must be on the device of input_ids (",
               ids.device(), "), got ", table.device());
   TORCH_CHECK_TYPE(table.scalar_type() == word_weight.scalar_type(), name,
               " must have the dtype of word_weight (", word_weight.scalar_type(), "), got ",
@@ -78,7 +78,7 @@ Embedding2dIds check_embedding_2d_backward_inputs(const at::Tensor& grad_output,
               "grad_output must be float32, float16, bfloat16 or float64, got ",
               grad_output.scalar_type());
   TORCH_CHECK_VALUE(grad_output.device() == input_ids.device(),
-              "grad_output must be on the same device as input_ids (", input_ids.device(),
+              "grad_output must be on the device of input_ids (", input_ids.device(),
               "), got ", grad_output.device());
   TORCH_CHECK_VALUE(grad_output.dim() == input_ids.dim() + 1 &&
                   grad_output.sizes().slice(0, input_ids.dim()) == input_ids.sizes(),
@@ -110,7 +110,7 @@ Rotary2dArgs check_rotary_2d_inputs(const at::Tensor& x, const at::Tensor& posit
                            std::pair{&block_position_ids, "block_position_ids"}}) {
     TORCH_CHECK_TYPE(is_index_dtype(ids->scalar_type()), name, " must be int32 or int64, got ",
                 ids->scalar_type());
-    TORCH_CHECK_VALUE(ids->device() == x.device(), name, " must be on the same device as ", x_name,
+    TORCH_CHECK_VALUE(ids->device() == x.device(), name, " must be on the device of ", x_name,
                 " (", x.device(), "), got ", ids->device());
     TORCH_CHECK_VALUE(ids->sizes() == id_shape, name, " must have shape ", id_shape, " (", x_name,
                 ".shape[:-2]), got ", ids->sizes());

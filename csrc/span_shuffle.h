@@ -3,10 +3,12 @@
 // the same batch from the same seed. Argument checks and the op entry points are in
 // span_shuffle.cpp / csrc/cpu/span_shuffle.cpp / csrc/cuda/batching/span_shuffle.cu.
 //
-// Randomness: PCG32 (O'Neill, 2014), one stream per row (stream = row index) and one for the
-// batch-level choice of objective, so a row's result does not depend on threads or devices.
+// Randomness: PCG32 (O'Neill, 2014), one generator per row and one for the batch-level choice of
+// objective, each seeded from a SplitMix64 hash of (seed, stream) (stream = row index), so that a
+// row's result depends on neither threads nor devices, and rows of nearby seeds are unrelated.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -22,19 +24,32 @@ enum Objective : int32_t { kTokenLevel = 0, kSentenceLevel = 1, kDocumentLevel =
 // Why a row could not be built (0 = it was).
 enum RowStatus : int32_t {
   kOk = 0,
-  kNoMaskableToken = 1,   // nothing but [CLS]/<eos> (or an empty row)
+  kNoMaskableToken = 1,   // nothing but [CLS]/<eos> (an empty row is fine: it stays empty)
   kSpansDoNotFit = 2,     // resampling never placed all token-level spans
   kTooShortForDocument = 3,
   kOutputTooLong = 4,     // assembled row longer than the requested output length
   kTokenOutOfRange = 5,   // a token id outside [0, vocab_size)
 };
 
+// SplitMix64's finaliser (Steele, Lea and Flood, 2014): a bijection of 64-bit words in which every
+// input bit changes about half of the output bits.
+GLM_HD uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
 struct Pcg32 {
   uint64_t state, increment;
 
-  GLM_HD Pcg32(uint64_t seed, uint64_t stream) : state(0), increment((stream << 1u) | 1u) {
+  // PCG's seeding with its initial state and stream both drawn from a hash of (seed, stream):
+  // seeding with (seed, stream) directly makes (seed + 2, stream - 1) start next to (seed, stream).
+  GLM_HD Pcg32(uint64_t seed, uint64_t stream) : state(0) {
+    const uint64_t key = splitmix64(splitmix64(seed) ^ stream);
+    increment = (splitmix64(key) << 1u) | 1u;
     next();
-    state += seed;
+    state += key;
     next();
   }
   GLM_HD uint32_t next() {
@@ -111,6 +126,24 @@ GLM_HD bool is_sentence_end(int64_t token, const Params& p) {
   return lo < p.num_sentence_end_ids && p.sentence_end_ids[lo] == token;
 }
 
+// Truncated Poisson(lambda) over 1..max_length, renormalised, as a cumulative table:
+// cdf[k - 1] = P(length <= k). The terms lambda^k / k! (the factor e^-lambda cancels) are taken
+// in log space relative to the largest, so that no positive lambda makes them all underflow or
+// overflow (host code; the table is copied to the kernel's device).
+inline void span_length_cdf(double lambda, int32_t max_length, double* cdf) {
+  double log_factorial = 0, log_max = -INFINITY;
+  for (int32_t k = 1; k <= max_length; ++k) {
+    log_factorial += std::log(static_cast<double>(k));
+    cdf[k - 1] = k * std::log(lambda) - log_factorial;
+    log_max = std::fmax(log_max, cdf[k - 1]);
+  }
+  double total = 0;
+  for (int32_t k = 0; k < max_length; ++k) total += (cdf[k] = std::exp(cdf[k] - log_max));
+  double running = 0;
+  for (int32_t k = 0; k < max_length; ++k) cdf[k] = std::fmin(running += cdf[k] / total, 1.0);
+  cdf[max_length - 1] = 1.0;
+}
+
 GLM_HD int32_t draw_span_length(Pcg32& rng, const Params& p) {
   const double u = rng.uniform();
   for (int32_t k = 1; k < p.max_span_length; ++k) {
@@ -140,7 +173,8 @@ GLM_HD void insertion_sort(T* values, int32_t n) {  // span counts are small; no
 }
 
 // The authors' placement: `count` spans of the given lengths inside [offset, offset + length),
-// uniformly at random, in the given order, each at least one token from the next.
+// uniformly at random, in the given order, each at least one token from the next. The caller
+// guarantees that they fit: sum(lengths) + count - 1 <= length.
 GLM_HD void place_spans(const int32_t* lengths, int32_t count, int32_t length, int32_t offset,
                         Pcg32& rng, RowWorkspace& out) {
   int32_t total = 0;
@@ -159,7 +193,10 @@ GLM_HD void place_spans(const int32_t* lengths, int32_t count, int32_t length, i
 
 // Token-level: Poisson span lengths until they cover int(ratio * n) (at least one token),
 // distributed over the segments between [CLS]/<eos> the authors' way (shorter segments take their
-// share of the ratio first, the longest takes the rest) and placed uniformly. Returns a RowStatus.
+// share of the ratio first, the longest takes the rest) and placed uniformly. A segment takes a
+// span only while its spans and the gaps between them fit in it (the authors check this for the
+// longest segment only; for the others their budget implies it up to mask_ratio 0.5, and above
+// that their placement fails). Returns a RowStatus.
 GLM_HD int32_t sample_token_spans(const int64_t* row, int32_t n, const Params& p, Pcg32& rng,
                                   RowWorkspace& out) {
   // Segments: maximal runs of maskable tokens, stably sorted by length.
@@ -197,7 +234,7 @@ GLM_HD int32_t sample_token_spans(const int64_t* row, int32_t n, const Params& p
       int32_t taken = 0, sum = 0;
       while (next + taken < num_lengths) {
         const int32_t l = lengths[next + taken];
-        const bool fits = longest ? sum + l + taken <= seg_length[k] : sum + l <= budget;
+        const bool fits = sum + l + taken <= seg_length[k] && (longest || sum + l <= budget);
         if (!fits) break;
         sum += l;
         ++taken;
@@ -269,6 +306,7 @@ GLM_HD int32_t sample_row(const int64_t* row, int32_t n, int32_t objective, cons
   bool in_range = true;
   for (int32_t i = 0; i < n; ++i) in_range &= row[i] >= 0 && row[i] < p.vocab_size;
   if (!in_range) return kTokenOutOfRange;
+  if (n == 0) return kOk;  // an empty row stays empty: no text, no blanks
   int32_t status;
   if (objective == kTokenLevel) status = sample_token_spans(row, n, p, rng, out);
   else if (objective == kSentenceLevel) status = sample_sentence_spans(row, n, p, rng, out);
@@ -291,7 +329,7 @@ GLM_HD int32_t sample_row(const int64_t* row, int32_t n, int32_t objective, cons
 // Length of the assembled row: each span becomes one mask token in Part A and contributes
 // span + 1 tokens to Part B; the document-level row drops Part B's final <eop> step.
 GLM_HD int32_t assembled_length(int32_t n, int32_t num_spans, bool document_level) {
-  return n + 2 * num_spans - (document_level ? 1 : 0);
+  return n + 2 * num_spans - (document_level && num_spans > 0 ? 1 : 0);
 }
 
 // Writes one row: tokens, targets, loss mask, positions, block positions (each `width` long,

@@ -1,10 +1,14 @@
 """Checkpoints: our own format, and import/export of the authors' (THUDM/GLM) checkpoints.
 
 Our format is a directory holding ``model.safetensors`` (the weights), ``config.json`` (the
-``GLMConfig`` fields) and possibly ``tokenizer.json`` (the model's tokenizer, a ``GLMTokenizer.save``
-file, as ``glm-ext convert --tokenizer-files`` writes it), written atomically: into a temporary
-directory next to the target, fsynced, then renamed into place, so a reader finds either the old
-complete checkpoint or the new one.
+``GLMConfig`` fields), possibly ``tokenizer.json`` (the model's tokenizer, a ``GLMTokenizer.save``
+file, as ``glm-ext convert --tokenizer-files`` writes it) and ``manifest.json`` (the size and SHA-256
+of the other files, and metadata such as the fingerprint of the tokenizer the model was trained with;
+:func:`glm_ext.files.write_manifest`), written atomically: into a temporary directory next to the
+target, fsynced, then renamed into place, so a reader finds either the old complete checkpoint or
+the new one. Loading checks the files against the manifest (so flipped bytes, a truncated file or an
+edited ``config.json`` are refused, naming the file) and the weights' shapes against the config.
+Checkpoints written before manifests existed load unchecked.
 
 ``GLMModel``'s parameter names are the authors' keys (GLM_SPEC 3), so the translation to and from
 their layout only deals with the containers around the keys:
@@ -18,8 +22,8 @@ their layout only deals with the containers around the keys:
   ``lm_head.weight`` (as some ports carry) is accepted if it equals the word embedding and
   dropped; a different one is an error, since the model cannot represent untied weights.
 
-Files are read with ``torch.load(weights_only=True)``: a checkpoint that pickles other objects
-(e.g. numpy RNG states) is refused with an explanation instead of being unpickled.
+The authors' files are read with ``torch.load(weights_only=True)``: a checkpoint that pickles other
+objects (e.g. numpy RNG states) is refused with an explanation instead of being unpickled.
 """
 
 from __future__ import annotations
@@ -32,9 +36,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from glm_ext.files import staged_directory, write_file_atomically
+from glm_ext.files import (
+    MANIFEST_FILE,
+    CorruptFileError,
+    read_manifest,
+    staged_directory,
+    verify_manifest,
+    write_file_atomically,
+    write_manifest,
+)
 from glm_ext.model import GLMConfig, GLMModel
 
 if TYPE_CHECKING:
@@ -44,8 +57,10 @@ __all__ = [
     "AUTHORS_WEIGHTS_FILE",
     "CONFIG_FILE",
     "TOKENIZER_FILE",
+    "TOKENIZER_SHA256",
     "WEIGHTS_FILE",
     "check_state_dict",
+    "checkpoint_metadata",
     "export_authors_state_dict",
     "import_authors_checkpoint",
     "is_checkpoint",
@@ -58,6 +73,7 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_SHA256 = "tokenizer_sha256"  # the metadata entry naming the tokenizer the model goes with
 AUTHORS_WEIGHTS_FILE = "mp_rank_00_model_states.pt"
 AUTHORS_TRACKER_FILE = "latest_checkpointed_iteration.txt"
 HF_WEIGHTS_FILE = "pytorch_model.bin"
@@ -140,7 +156,8 @@ def _check_replaceable(target: Path) -> None:
         return
     if target.is_symlink() or not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a plain directory; refusing to replace it")
-    foreign = sorted(p.name for p in target.iterdir() if p.name not in (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE))
+    own = (WEIGHTS_FILE, CONFIG_FILE, TOKENIZER_FILE, MANIFEST_FILE)
+    foreign = sorted(p.name for p in target.iterdir() if p.name not in own)
     if foreign:
         raise FileExistsError(
             f"{target} exists and holds files other than a glm_ext checkpoint ({', '.join(foreign)}); "
@@ -164,39 +181,73 @@ def save_checkpoint(
     *,
     config: GLMConfig | None = None,
     tokenizer: GLMTokenizer | None = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Writes ``directory/model.safetensors`` and ``directory/config.json`` (and ``tokenizer`` as
-    ``directory/tokenizer.json``) atomically.
+    """Writes ``directory/model.safetensors``, ``config.json`` (and ``tokenizer`` as
+    ``tokenizer.json``) and ``manifest.json`` atomically.
 
     ``model_or_state`` is a ``GLMModel`` or a state dict in our (= the authors') keys, then with
     its ``config``. The weights are checked against the config before anything is written. An
-    existing checkpoint at ``directory`` is replaced only once the new one is complete; any other
-    existing content is never touched (FileExistsError). Returns the directory.
+    existing checkpoint at ``directory`` is replaced only with ``overwrite=True``, and only once the
+    new one is complete; any other existing content is never touched (FileExistsError).
+    ``metadata`` (JSON values) goes into the manifest (:func:`checkpoint_metadata`); its
+    ``tokenizer_sha256`` names the tokenizer the model goes with (set from ``tokenizer`` when given).
+    Returns the directory.
     """
     config, state = _config_and_state(model_or_state, config)
     check_state_dict(state, config)
     target = Path(directory).absolute()
     _check_replaceable(target)
+    if is_checkpoint(target) and not overwrite:
+        raise FileExistsError(f"{target} already holds a checkpoint; pass overwrite=True (--overwrite) to replace it")
     with staged_directory(target) as staging:
         save_file({key: _standalone(value) for key, value in state.items()}, staging / WEIGHTS_FILE,
                   metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        names = [WEIGHTS_FILE, CONFIG_FILE]
+        metadata = dict(metadata or {})
         if tokenizer is not None:
             tokenizer.save(staging / TOKENIZER_FILE)
+            names.append(TOKENIZER_FILE)
+            metadata[TOKENIZER_SHA256] = tokenizer.sha256
+        write_manifest(staging, names, metadata)
     return target
+
+
+def _read_config(path: Path) -> GLMConfig:
+    try:
+        return GLMConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, not an object, unknown or bad fields
+        raise CorruptFileError(f"{path} is not a valid GLMConfig ({exc})") from exc
 
 
 def load_checkpoint(
     directory: str | os.PathLike, *, map_location: str | torch.device = "cpu", **model_options: Any
 ) -> GLMModel:
     """The ``GLMModel`` saved by ``save_checkpoint`` (weights in their saved dtype, on
-    ``map_location``); ``model_options`` (backends, checkpointing) go to ``GLMModel``."""
+    ``map_location``); ``model_options`` (backends, checkpointing) go to ``GLMModel``.
+
+    Raises :class:`~glm_ext.files.CorruptFileError` (a ValueError) naming the file when a file
+    differs from its checksum or cannot be read, and ValueError when the weights do not fit the config.
+    """
     directory = Path(directory)
     if not is_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a glm_ext checkpoint (needs {WEIGHTS_FILE} and {CONFIG_FILE})")
-    config = GLMConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
-    state = load_file(directory / WEIGHTS_FILE, device=str(torch.device(map_location)))
+    verify_manifest(directory, required=(WEIGHTS_FILE, CONFIG_FILE))
+    config = _read_config(directory / CONFIG_FILE)
+    try:
+        state = load_file(directory / WEIGHTS_FILE, device=str(torch.device(map_location)))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{directory / WEIGHTS_FILE} is damaged or not a safetensors file ({exc})") from exc
     return _model_from_state(state, config, model_options)
+
+
+def checkpoint_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The metadata saved with a checkpoint (``save_checkpoint(metadata=...)``; empty for a
+    checkpoint written before manifests existed)."""
+    manifest = read_manifest(Path(directory))
+    return manifest["metadata"] if manifest else {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,11 +258,24 @@ def _torch_load(path: Path, map_location: str | torch.device) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise ValueError(
-            f"{path} holds objects other than tensors and cannot be read with torch.load(weights_only=True) "
-            f"({str(exc).splitlines()[0]}). If you trust the file, load it yourself "
-            "(torch.load(path, weights_only=False)) and pass its state dict instead."
+        if _is_torch_file(path):
+            raise ValueError(
+                f"{path} holds objects other than tensors and cannot be read with torch.load(weights_only=True) "
+                f"({str(exc).splitlines()[0]}). If you trust the file, load it yourself "
+                "(torch.load(path, weights_only=False)) and pass its state dict instead."
+            ) from exc
+        raise CorruptFileError(f"{path} is not a PyTorch checkpoint (torch.save file)") from exc
+    except Exception as exc:  # torch.load fails on foreign bytes in many ways (KeyError, EOFError, RuntimeError, ...)
+        raise CorruptFileError(
+            f"{path} is not a PyTorch checkpoint (torch.save file), or it is damaged ({type(exc).__name__})"
         ) from exc
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts as ``torch.save`` files do (a zip archive, or before PyTorch 1.6 a
+    pickled magic number), so that an unpickling failure means foreign objects, not foreign bytes."""
+    with open(path, "rb") as file:
+        return file.read(4) in (b"PK\x03\x04", b"\x80\x02\x8a\n")
 
 
 def _authors_files(directory: Path) -> list[Path]:
@@ -300,15 +364,18 @@ def export_authors_state_dict(model: GLMModel) -> StateDict:
     return {key: value.detach() for key, value in model.state_dict().items()}
 
 
-def save_authors_checkpoint(model: GLMModel, path: str | os.PathLike) -> Path:
+def save_authors_checkpoint(model: GLMModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes ``{"module": export_authors_state_dict(model)}`` with ``torch.save``, atomically.
 
     ``path`` is the file to write, or an existing directory that receives
-    ``mp_rank_00_model_states.pt``. Returns the file written.
+    ``mp_rank_00_model_states.pt``. An existing file is replaced only with ``overwrite=True``
+    (FileExistsError otherwise). Returns the file written.
     """
     target = Path(path).absolute()
     if target.is_dir():
         target = target / AUTHORS_WEIGHTS_FILE
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     state = {"module": export_authors_state_dict(model)}
     write_file_atomically(target, lambda f: torch.save(state, f), mode="wb")

@@ -108,10 +108,11 @@ class GenerationConfig:
 
     ``max_new_tokens``: per blank, one int for every blank or a sequence (the ``i``-th entry for the
     ``i``-th blank of each context). ``temperature`` 0 is greedy; ``top_k`` / ``top_p`` restrict
-    sampling and are refused at temperature 0 (they would be ignored). ``num_beams > 1`` is beam
-    search (deterministic: refuses temperature, ``top_k``, ``top_p`` and ``stop_strings``);
-    ``length_penalty`` and ``early_stopping`` are refused without it. Invalid or contradictory
-    settings raise ValueError naming the setting.
+    sampling (the argmax lies within both, so greedy decoding is the same with or without them;
+    the CLI refuses them without a temperature, where they are a likely mistake).
+    ``num_beams > 1`` is beam search (deterministic: refuses temperature, ``top_k``, ``top_p`` and
+    ``stop_strings``); ``length_penalty`` and ``early_stopping`` are refused without it. Invalid or
+    contradictory settings raise ValueError naming the setting.
     """
 
     max_new_tokens: int | tuple[int, ...] = 32
@@ -151,8 +152,6 @@ class GenerationConfig:
             _check_float("top_p", self.top_p, positive=True)
             if self.top_p > 1:
                 raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
-            raise ValueError("top_k and top_p only apply to sampling: set temperature > 0 (0 is greedy)")
         _check_float("repetition_penalty", self.repetition_penalty, positive=True)
         _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, 0)
         if not isinstance(self.stop_strings, tuple) or not all(isinstance(s, str) and s for s in self.stop_strings):

@@ -10,7 +10,15 @@ Two switches pick the implementation of the non-matmul parts, never the maths:
   ``"reference"`` the plain PyTorch code of ``glm_ext.reference``.
 * ``attention_backend``: ``"sdpa"`` runs ``torch.nn.functional.scaled_dot_product_attention`` with a
   dense boolean mixed mask; ``"fused"`` runs ``glm_ext.ops.mixed_mask_attention`` (no dense mask,
-  packed rows go in as they are); ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``.
+  packed rows go in as they are); ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``;
+  ``"auto"`` (the default) picks ``"fused"`` wherever its kernel supports the inputs and ``"sdpa"``
+  otherwise (:func:`choose_attention_backend` says which and why). Each forward pass resolves the
+  switches once into a :class:`Backends` object that the layers call.
+
+Dropout (``GLMConfig.embedding_dropout``, ``attention_dropout``, ``output_dropout``; 0 by default)
+sits where the authors put it: on the summed input embeddings, on the attention probabilities, and
+on the output of the attention and MLP blocks before each residual addition. It acts in ``train()``
+mode only.
 
 Inputs, padded: ``input_ids [B, L]``, ``position_ids [B, 2, L]`` (row 0 positions, row 1 block
 positions), ``sep [B]`` (length of Part A of each row). Packed (several samples in one row, no
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -32,21 +40,25 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import glm_ext
 from glm_ext import ops, reference
 
 __all__ = [
     "ATTENTION_BACKENDS",
     "EMBEDDING_BACKENDS",
     "PRESETS",
+    "AttentionChoice",
+    "Backends",
     "GLMConfig",
     "GLMModel",
     "KVCache",
+    "choose_attention_backend",
     "lm_loss",
     "pad_vocab_size",
 ]
 
 PositionEncoding = Literal["learned_2d", "rotary_2d"]
-AttentionBackend = Literal["sdpa", "fused", "reference"]
+AttentionBackend = Literal["auto", "sdpa", "fused", "reference"]
 EmbeddingBackend = Literal["fused", "reference"]
 ATTENTION_BACKENDS: tuple[str, ...] = get_args(AttentionBackend)
 EMBEDDING_BACKENDS: tuple[str, ...] = get_args(EmbeddingBackend)
@@ -94,6 +106,12 @@ class GLMConfig:
     ``max_sequence_length`` is the largest position and block position a token may carry; the
     learned tables have ``max_sequence_length + 1`` rows (as the authors' ``block_position_encoding``
     does). ``position_encoding="rotary_2d"`` drops both tables and rotates q and k instead.
+
+    The dropout probabilities (training only; see the module docstring for where each acts) are
+    the authors' ``embedding_dropout_prob``, ``attention_dropout_prob`` and ``output_dropout_prob``;
+    their pretraining scripts set all three to 0.1 (``--hidden-dropout`` / ``--attention-dropout``).
+    0, the default, leaves the model exactly as without dropout, and configs saved before these
+    fields existed load with it.
     """
 
     vocab_size: int
@@ -102,12 +120,19 @@ class GLMConfig:
     num_heads: int
     max_sequence_length: int
     position_encoding: PositionEncoding = "learned_2d"
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    output_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_sequence_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GLMConfig.{name} must be a positive int, got {value!r}")
+        for name in ("embedding_dropout", "attention_dropout", "output_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+                raise ValueError(f"GLMConfig.{name} must be a probability in [0, 1), got {value!r}")
         if self.position_encoding not in get_args(PositionEncoding):
             raise ValueError(
                 f"GLMConfig.position_encoding must be one of {get_args(PositionEncoding)}, "
@@ -156,7 +181,67 @@ class GLMConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Attention: the mask of one forward pass and the single function with the backend switch
+# Attention: the backend choice, the mask of one forward pass, and the backends object
+
+# The CUDA kernels of mixed_mask_attention (fp16/bf16, head_dim 64 or 128) pass CI's emulation of
+# their PTX instructions but have not yet passed their tests on a GPU. Until they do, "auto" keeps
+# CUDA on SDPA; set this to True once python_tests/test_attention.py passes on a GPU.
+FUSED_ATTENTION_CUDA_VERIFIED = False
+FUSED_ATTENTION_CUDA_PENDING = "the CUDA kernel of mixed_mask_attention has not passed its tests on a GPU yet"
+FUSED_ATTENTION_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+FUSED_ATTENTION_CUDA_HEAD_DIMS = (64, 128)
+FUSED_ATTENTION_CPU_MAX_HEAD_DIM = 256
+EXTENSION_HAS_CUDA_KERNELS = bool(glm_ext.build_info()["cuda"])
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    """A concrete attention backend (``"sdpa"``, ``"fused"`` or ``"reference"``) and why it was chosen."""
+
+    backend: str
+    reason: str
+
+
+def choose_attention_backend(
+    requested: str, *, device_type: str, dtype: torch.dtype, head_dim: int, attention_dropout: float
+) -> AttentionChoice:
+    """The attention backend for queries of ``dtype`` and ``head_dim`` on a ``device_type`` device,
+    with attention-probability dropout ``attention_dropout`` (its probability in training, else 0).
+
+    ``"auto"`` takes the fused kernel wherever it supports the inputs: always on the CPU (any float
+    dtype, ``head_dim`` up to 256); on CUDA for fp16/bf16 with ``head_dim`` 64 or 128 once
+    ``FUSED_ATTENTION_CUDA_VERIFIED`` (until then never). Everywhere else it takes SDPA.
+
+    Attention dropout: neither the fused kernel nor the reference has dropout, and the
+    probabilities never leave the kernel, so nothing can drop them from outside. Rather than
+    silently skip the dropout, training with ``attention_dropout > 0`` runs SDPA (with
+    ``dropout_p``) under ``"auto"``, and an explicit ``"fused"`` or ``"reference"`` is a
+    ValueError. Evaluation and generation (dropout off) keep the fused kernel.
+    """
+    if requested != "auto":
+        if attention_dropout > 0 and requested != "sdpa":
+            raise ValueError(
+                f"attention_backend={requested!r} has no attention dropout, but the model trains with "
+                f"attention_dropout={attention_dropout}: use 'auto' or 'sdpa', or attention_dropout=0"
+            )
+        return AttentionChoice(requested, "set explicitly")
+    if attention_dropout > 0:
+        return AttentionChoice("sdpa", "training with attention dropout, which only SDPA applies")
+    if device_type == "cpu":
+        if head_dim <= FUSED_ATTENTION_CPU_MAX_HEAD_DIM:
+            return AttentionChoice("fused", "the CPU kernel supports every float dtype and head_dim <= 256")
+        return AttentionChoice("sdpa", f"head_dim {head_dim} > {FUSED_ATTENTION_CPU_MAX_HEAD_DIM}")
+    if device_type == "cuda":
+        if not FUSED_ATTENTION_CUDA_VERIFIED:
+            return AttentionChoice("sdpa", FUSED_ATTENTION_CUDA_PENDING)
+        if not EXTENSION_HAS_CUDA_KERNELS:
+            return AttentionChoice("sdpa", "the extension was built without CUDA kernels")
+        if dtype in FUSED_ATTENTION_CUDA_DTYPES and head_dim in FUSED_ATTENTION_CUDA_HEAD_DIMS:
+            return AttentionChoice("fused", "the CUDA kernel supports fp16/bf16 with head_dim 64 or 128")
+        return AttentionChoice(
+            "sdpa", f"the CUDA kernel needs fp16/bf16 and head_dim 64 or 128, got {dtype} and {head_dim}"
+        )
+    return AttentionChoice("sdpa", f"no fused kernel for {device_type} devices")
 
 
 @dataclass(frozen=True)
@@ -164,12 +249,11 @@ class MixedMask:
     """GLM's mixed mask (GLM_SPEC 2) for one forward pass, in the form the backends consume.
 
     ``sep`` and ``cu_seqlens`` describe it compactly (what a fused kernel takes); ``dense`` is the
-    materialised ``[B or 1, 1, Lq, Lk]`` boolean mask that the ``"sdpa"`` backend needs, and every
-    backend when the queries of different rows start at different positions (``query_offsets``:
-    rows of a key/value cache that differ in length);
-    ``max_seqlen`` the longest packed sample for the ``"fused"`` backend (read once per forward pass
-    rather than once per layer; None under ``torch.compile``). It is built once per forward pass and
-    shared by all layers.
+    materialised boolean mask (:func:`dense_mixed_mask`) that SDPA needs, and every backend when
+    the queries of different rows start at different positions (rows of a key/value cache that
+    differ in length: the kernels take one offset for all rows); ``max_seqlen`` the longest packed
+    sample for the kernels (read once per forward pass rather than once per layer; None under
+    ``torch.compile``). It is built once per forward pass and shared by all layers.
     """
 
     sep: torch.Tensor
@@ -177,64 +261,97 @@ class MixedMask:
     dense: torch.Tensor | None
     max_seqlen: int | None = None
 
-    @classmethod
-    def build(
-        cls,
-        sep: torch.Tensor,
-        cu_seqlens: torch.Tensor | None,
-        seq_q: int,
-        seq_k: int,
-        backend: str,
-        query_offsets: torch.Tensor | None = None,
-    ) -> MixedMask:
-        dense, max_seqlen = None, None
-        if query_offsets is not None:
-            dense = _offset_mixed_mask(sep, query_offsets, seq_q, seq_k)[:, None]
-        elif backend == "sdpa":
-            if cu_seqlens is None:
-                dense = reference.mixed_mask(sep, seq_q, seq_k)[:, None]
-            else:
-                dense = _packed_mixed_mask(sep, cu_seqlens, seq_q)[None, None]
-        elif backend == "fused" and cu_seqlens is not None and not torch.compiler.is_compiling():
-            max_seqlen = int(cu_seqlens.diff().max())  # one host synchronisation per forward pass
-        return cls(sep, cu_seqlens, dense, max_seqlen)
 
+def dense_mixed_mask(
+    sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int,
+    query_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mixed mask as booleans (True: may attend) in SDPA's layout.
 
-def _offset_mixed_mask(sep: torch.Tensor, query_offsets: torch.Tensor, seq_q: int, seq_k: int) -> torch.Tensor:
-    """``[B, Lq, Lk]`` mixed mask whose query ``i`` of row ``b`` sits at ``query_offsets[b] + i``."""
-    query_pos = query_offsets[:, None, None] + torch.arange(seq_q, device=sep.device)[None, :, None]
-    key_pos = torch.arange(seq_k, device=sep.device)[None, None, :]
-    return (key_pos < sep[:, None, None]) | (key_pos <= query_pos)
-
-
-def _packed_mixed_mask(sep: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``[T, T]`` block-diagonal mixed mask of a packed row: token ``i`` sees ``j`` iff both belong
-    to the same sample and ``j`` lies in that sample's Part A or ``j <= i``."""
-    tokens = torch.arange(total, device=sep.device)
-    sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64), tokens, right=True)
+    Padded: ``[B, 1, seq_q, seq_k]``; query ``i`` (absolute position ``seq_k - seq_q + i``, or
+    ``query_offsets[b] + i`` in row ``b`` when given) sees key ``j`` iff ``j < sep`` or
+    ``j <= position``. Packed (``cu_seqlens``; ``seq_q == seq_k == T``):
+    ``[1, 1, T, T]``, block diagonal: token ``i`` sees ``j`` iff both belong to the same sample and
+    ``j`` lies in that sample's Part A or ``j <= i``.
+    """
+    keys = torch.arange(seq_k, device=sep.device)
+    if cu_seqlens is None:
+        if query_offsets is None:
+            queries = keys[seq_k - seq_q :, None]
+        else:
+            queries = query_offsets[:, None, None] + torch.arange(seq_q, device=sep.device)[:, None]
+        return ((keys < sep[:, None, None]) | (keys <= queries))[:, None]
+    sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64), keys, right=True)
     part_a_end = cu_seqlens[sample] + sep[sample]  # absolute end of each token's Part A
     same_sample = sample[:, None] == sample[None, :]
-    return same_sample & ((tokens[None, :] < part_a_end[None, :]) | (tokens[None, :] <= tokens[:, None]))
+    return (same_sample & ((keys < part_a_end)[None, :] | (keys[None, :] <= keys[:, None])))[None, None]
 
 
-def mixed_mask_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask, backend: str
-) -> torch.Tensor:
-    """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` (packed: ``[T, H, D]``)
-    under GLM's mixed mask; queries are the last ``Lq`` of the ``Lk`` positions. Returns q's shape."""
-    if backend in ("fused", "reference") and mask.dense is None:
-        attention = ops.mixed_mask_attention if backend == "fused" else reference.mixed_mask_attention
-        return attention(
-            q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
-            max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen,
+@dataclass(frozen=True)
+class Backends:
+    """The implementations one forward pass uses, resolved once (:meth:`GLMModel.backends`).
+
+    ``attention`` names the concrete attention backend and ``reason`` why it was chosen;
+    ``attention_kernel`` is the mixed-mask kernel it calls (None: SDPA with a dense mask);
+    ``attention_dropout`` the dropout it applies to the attention probabilities (0 outside training).
+    """
+
+    attention: str
+    reason: str
+    attention_kernel: Callable[..., torch.Tensor] | None
+    attention_dropout: float
+    embedding_2d: Callable[..., torch.Tensor]
+    rotary_2d: Callable[..., torch.Tensor]
+
+    @classmethod
+    def resolve(
+        cls, attention_backend: str, embedding_backend: str, config: GLMConfig, *, device_type: str,
+        dtype: torch.dtype, training: bool,
+    ) -> Backends:
+        dropout = config.attention_dropout if training else 0.0
+        choice = choose_attention_backend(
+            attention_backend, device_type=device_type, dtype=dtype, head_dim=config.head_dim, attention_dropout=dropout
         )
-    packed = q.dim() == 3
-    if packed:
-        q, k, v = q[None], k[None], v[None]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.dense
-    ).transpose(1, 2)
-    return out[0] if packed else out
+        kernels = {"sdpa": None, "fused": ops.mixed_mask_attention, "reference": reference.mixed_mask_attention}
+        fused = embedding_backend == "fused"
+        return cls(
+            attention=choice.backend,
+            reason=choice.reason,
+            attention_kernel=kernels[choice.backend],
+            attention_dropout=dropout,
+            embedding_2d=ops.embedding_2d if fused else reference.embedding_2d,
+            rotary_2d=ops.rotary_2d if fused else reference.rotary_2d,
+        )
+
+    def mask(
+        self, sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int,
+        query_offsets: torch.Tensor | None = None,
+    ) -> MixedMask:
+        """The mixed mask of one forward pass, in the form this attention backend consumes
+        (``query_offsets``: per-row positions of the first query, see :class:`KVCache`)."""
+        if self.attention_kernel is None or query_offsets is not None:
+            return MixedMask(sep, cu_seqlens, dense_mixed_mask(sep, cu_seqlens, seq_q, seq_k, query_offsets))
+        max_seqlen = None
+        if cu_seqlens is not None and not torch.compiler.is_compiling():
+            max_seqlen = int(cu_seqlens.diff().max())  # one host synchronisation per forward pass
+        return MixedMask(sep, cu_seqlens, None, max_seqlen)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask) -> torch.Tensor:
+        """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` (packed: ``[T, H, D]``)
+        under GLM's mixed mask; queries are the last ``Lq`` of the ``Lk`` positions. Returns q's shape."""
+        if self.attention_kernel is not None and mask.dense is None:
+            return self.attention_kernel(
+                q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
+                max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen,
+            )
+        packed = q.dim() == 3
+        if packed:
+            q, k, v = q[None], k[None], v[None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.dense,
+            dropout_p=self.attention_dropout,
+        ).transpose(1, 2)
+        return out[0] if packed else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,15 +470,14 @@ class _LayerContext:
     """Everything a layer needs for one forward pass besides its hidden states."""
 
     mask: MixedMask
-    attention_backend: str
+    backends: Backends
     rotary_ids: tuple[torch.Tensor, torch.Tensor] | None  # (positions, block positions), rotary_2d only
-    fused_rotary: bool
     kv_cache: KVCache | None
 
 
 class SelfAttention(nn.Module):
-    """QKV projection (contiguous thirds ``[Q | K | V]``), optional 2D rotary, mixed-mask attention,
-    output projection."""
+    """QKV projection (contiguous thirds ``[Q | K | V]``), optional 2D rotary, mixed-mask attention
+    (with the backends' attention dropout), output projection, output dropout."""
 
     def __init__(self, config: GLMConfig, layer_index: int) -> None:
         super().__init__()
@@ -369,29 +485,31 @@ class SelfAttention(nn.Module):
         self.layer_index = layer_index
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output_dropout = nn.Dropout(config.output_dropout)
 
     def forward(self, x: torch.Tensor, ctx: _LayerContext) -> torch.Tensor:
         qkv = self.query_key_value(x)
         q, k, v = qkv.view(*x.shape[:-1], 3, self.num_heads, -1).unbind(-3)
         if ctx.rotary_ids is not None:
-            rotary = ops.rotary_2d if ctx.fused_rotary else reference.rotary_2d
+            rotary = ctx.backends.rotary_2d
             q, k = rotary(q, *ctx.rotary_ids, ROTARY_BASE), rotary(k, *ctx.rotary_ids, ROTARY_BASE)
         if ctx.kv_cache is not None:
             k, v = ctx.kv_cache.write(self.layer_index, k, v)
-        out = mixed_mask_attention(q, k, v, ctx.mask, ctx.attention_backend)
-        return self.dense(out.flatten(-2))
+        out = ctx.backends.attend(q, k, v, ctx.mask)
+        return self.output_dropout(self.dense(out.flatten(-2)))
 
 
 class MLP(nn.Module):
-    """``W2 gelu_tanh(W1 x)`` with a 4h inner width."""
+    """``dropout(W2 gelu_tanh(W1 x))`` with a 4h inner width."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dropout(self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh")))
 
 
 class TransformerLayer(nn.Module):
@@ -410,10 +528,12 @@ class TransformerLayer(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The authors' ``transformer`` submodule: position tables (learned_2d), layers, final LayerNorm."""
+    """The authors' ``transformer`` submodule: position tables (learned_2d), embedding dropout,
+    layers, final LayerNorm."""
 
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         if config.position_encoding == "learned_2d":
             rows = config.max_sequence_length + 1
             self.position_embeddings = nn.Embedding(rows, config.hidden_size)
@@ -435,9 +555,10 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 class GLMModel(nn.Module):
     """GLM: ``model(input_ids, position_ids, sep) -> logits`` (see the module docstring for shapes).
 
-    ``attention_backend`` / ``embedding_backend`` may be changed on a built model (same weights).
-    ``activation_checkpointing`` recomputes each layer in the backward pass
-    (``torch.utils.checkpoint``, non-reentrant) whenever gradients are recorded. Works under
+    ``attention_backend`` / ``embedding_backend`` may be changed on a built model (same weights);
+    :meth:`backends` says what a forward pass resolves them to. ``activation_checkpointing``
+    recomputes each layer in the backward pass (``torch.utils.checkpoint``, non-reentrant; dropout
+    masks are recomputed identically) whenever gradients are recorded. Works under
     ``torch.autocast`` (bf16) and ``torch.compile``; input values are checked in eager mode only.
     """
 
@@ -445,7 +566,7 @@ class GLMModel(nn.Module):
         self,
         config: GLMConfig,
         *,
-        attention_backend: AttentionBackend = "sdpa",
+        attention_backend: AttentionBackend = "auto",
         embedding_backend: EmbeddingBackend = "fused",
         activation_checkpointing: bool = False,
     ) -> None:
@@ -491,6 +612,19 @@ class GLMModel(nn.Module):
             nn.init.normal_(layer.attention.dense.weight, std=output_std)
             nn.init.normal_(layer.mlp.dense_4h_to_h.weight, std=output_std)
 
+    def backends(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Backends:
+        """The implementations a forward pass on ``device`` uses in the current mode (``train()`` or
+        ``eval()``). ``dtype`` is that of the activations: by default the autocast dtype where
+        autocast is on for the device, else the weights' dtype."""
+        device_type = torch.device(device).type
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type) if autocast else self.word_embeddings.weight.dtype
+        return Backends.resolve(
+            self.attention_backend, self.embedding_backend, self.config, device_type=device_type, dtype=dtype,
+            training=self.training,
+        )
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -515,13 +649,13 @@ class GLMModel(nn.Module):
             _check_values(position_ids, sep, cu_seqlens, seq_k, self.config.max_sequence_length,
                           query_offsets, logits_index)
 
-        hidden = self._embed(input_ids, position_ids)
+        backends = self.backends(input_ids.device)
+        hidden = self.transformer.embedding_dropout(self._embed(input_ids, position_ids, backends))
         rotary_ids = tuple(position_ids.unbind(-2)) if self.config.position_encoding == "rotary_2d" else None
         ctx = _LayerContext(
-            mask=MixedMask.build(sep, cu_seqlens, seq_q, seq_k, self.attention_backend, query_offsets),
-            attention_backend=self.attention_backend,
+            mask=backends.mask(sep, cu_seqlens, seq_q, seq_k, query_offsets),
+            backends=backends,
             rotary_ids=rotary_ids,
-            fused_rotary=self.embedding_backend == "fused",
             kv_cache=kv_cache,
         )
         for layer in self.transformer.layers:
@@ -536,15 +670,14 @@ class GLMModel(nn.Module):
         hidden = self.transformer.final_layernorm(hidden)
         return F.linear(hidden, self.word_embeddings.weight)
 
-    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, backends: Backends) -> torch.Tensor:
         """Word embedding, plus the two learned position embeddings unless positions are rotary."""
         word = self.word_embeddings.weight
         if self.config.position_encoding == "rotary_2d":
             return F.embedding(input_ids, word)
         position, block = position_ids.unbind(-2)
         tables = (word, self.transformer.position_embeddings.weight, self.transformer.block_position_embeddings.weight)
-        embedding_2d = ops.embedding_2d if self.embedding_backend == "fused" else reference.embedding_2d
-        return embedding_2d(input_ids, position, block, *tables)
+        return backends.embedding_2d(input_ids, position, block, *tables)
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,20 +791,36 @@ def _check_values(
 # Loss
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over the positions selected by ``loss_mask`` (the authors' formula
-    ``sum(loss * mask) / sum(mask)``; a float mask weights positions), computed in float32.
+    ``sum(loss * mask) / sum(mask)``; a float mask weights positions), computed in float32
+    (float64 for float64 logits, so that float64 runs compare exactly).
 
     ``logits [..., V]``, ``targets`` and ``loss_mask`` of shape ``[...]``. Targets under a zero
     mask are not read, so they may hold padding. An all-zero mask returns 0 (with zero
-    gradients) instead of NaN. Returns a float32 scalar.
+    gradients) instead of NaN. Returns a scalar of the computing dtype.
+
+    ``normalizer`` replaces ``sum(mask)`` as the divisor: a training step split over micro-batches
+    and ranks divides every part by the loss tokens of the whole step
+    (:class:`glm_ext.distributed.StepLoss`).
     """
     if targets.shape != logits.shape[:-1] or loss_mask.shape != targets.shape:
         raise ValueError(
             f"targets and loss_mask must have the shape {list(logits.shape[:-1])} of logits without "
             f"the vocabulary, got {list(targets.shape)} and {list(loss_mask.shape)}"
         )
-    mask = loss_mask.reshape(-1).float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    mask = loss_mask.reshape(-1).to(dtype)
     safe_targets = targets.reshape(-1).masked_fill(mask == 0, 0)
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), safe_targets, reduction="none")
-    return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(dtype), safe_targets, reduction="none")
+    if normalizer is None:
+        normalizer = mask.sum().clamp(min=1.0)
+    elif isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(dtype)
+    return (losses * mask).sum() / normalizer

@@ -17,6 +17,15 @@ __all__ = ["blank_infilling", "embedding_2d", "mixed_mask_attention", "rotary_2d
 _ops = torch.ops.glm_ext
 
 
+def _check_same_device(prefix: str, first_name: str, first: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """The kernels' device check, repeated by every fake kernel: a fake (meta) kernel runs instead
+    of the device kernels whenever any input is a meta tensor, and would otherwise hand back
+    uninitialised outputs for a meta tensor among CPU tensors."""
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{prefix}{name} must be on the device of {first_name} ({first.device}), got {t.device}")
+
+
 # --------------------------------------------------------------------------------------------
 # embedding_2d
 
@@ -73,6 +82,10 @@ def _check_index_ranges(*checks: tuple[torch.Tensor, torch.Tensor, str, str]) ->
 
 @torch.library.register_fake("glm_ext::embedding_2d")
 def _embedding_2d_fake(input_ids, position_ids, block_position_ids, word_weight, position_weight, block_position_weight):
+    _check_same_device(
+        "", "input_ids", input_ids, position_ids=position_ids, block_position_ids=block_position_ids,
+        word_weight=word_weight, position_weight=position_weight, block_position_weight=block_position_weight,
+    )
     return word_weight.new_empty((*input_ids.shape, word_weight.shape[1]))
 
 
@@ -80,6 +93,10 @@ def _embedding_2d_fake(input_ids, position_ids, block_position_ids, word_weight,
 def _embedding_2d_backward_fake(
     grad_output, input_ids, position_ids, block_position_ids, num_words, num_positions, num_block_positions
 ):
+    _check_same_device(
+        "", "input_ids", input_ids, position_ids=position_ids, block_position_ids=block_position_ids,
+        grad_output=grad_output,
+    )
     hidden = grad_output.shape[-1]
     return (
         grad_output.new_empty((num_words, hidden)),
@@ -158,11 +175,13 @@ def rotary_2d(
 
 @torch.library.register_fake("glm_ext::rotary_2d")
 def _rotary_2d_fake(x, position_ids, block_position_ids, base=10000.0):
+    _check_same_device("", "x", x, position_ids=position_ids, block_position_ids=block_position_ids)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("glm_ext::rotary_2d_backward")
 def _rotary_2d_backward_fake(grad_output, position_ids, block_position_ids, base=10000.0):
+    _check_same_device("", "grad_output", grad_output, position_ids=position_ids, block_position_ids=block_position_ids)
     return grad_output.new_empty(grad_output.shape)
 
 
@@ -231,12 +250,16 @@ def mixed_mask_attention(
     Returns the output (like ``q``; accumulated in float32, float64 for float64) and, with
     ``return_lse``, the natural log-sum-exp of each query row's scaled scores: float32 (float64 for
     float64 inputs), ``[batch, heads_q, seq_q]`` padded, ``[heads_q, total_q]`` packed. Both are
-    differentiable; the backward is deterministic.
+    differentiable; the backward is deterministic. On the CPU a masked pair never enters the
+    arithmetic: a NaN in a row of ``q``, ``k`` or ``v`` reaches only the outputs and gradients of
+    the rows that see it (a dense ``softmax(...) @ v``, like ``glm_ext.reference``, spreads it
+    further through ``0 * NaN``).
     """
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError("mixed_mask_attention: pass both cu_seqlens_q and cu_seqlens_k (packed) or neither (padded)")
     if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
+        # head_dim 0 is not divided by here: the op refuses it ("head_dim must lie in [1, 256]").
+        softmax_scale = q.shape[-1] ** -0.5 if q.shape[-1] > 0 else 1.0
     if cu_seqlens_q is None:
         max_seqlen_q = max_seqlen_k = 0  # the padded layout takes its lengths from the shapes
     elif max_seqlen_q is None or max_seqlen_k is None:
@@ -266,17 +289,11 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _check_same_device(q: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    # The kernels check devices too; a fake kernel runs instead of them when any input is a meta
-    # tensor, so it repeats this check (with their message).
-    for name, t in tensors.items():
-        if t is not None and t.device != q.device:
-            raise ValueError(f"mixed_mask_attention: {name} must be on the device of q ({q.device}), got {t.device}")
-
-
 @torch.library.register_fake("glm_ext::mixed_mask_attention")
 def _mixed_mask_attention_fake(q, k, v, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale):
-    _check_same_device(q, k=k, v=v, sep=sep, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    _check_same_device(
+        "mixed_mask_attention: ", "q", q, k=k, v=v, sep=sep, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k
+    )
     if cu_seqlens_q is None:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     else:
@@ -289,7 +306,7 @@ def _mixed_mask_attention_backward_fake(
     grad_out, grad_lse, q, k, v, out, lse, sep, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
 ):
     _check_same_device(
-        q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse, sep=sep,
+        "mixed_mask_attention: ", "q", q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out, lse=lse, sep=sep,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
@@ -370,8 +387,12 @@ def span_shuffle_batch(
     Returns ``tokens, targets, loss_mask`` (int64 ``[batch, width]``), ``position_ids``
     (``[batch, 2, width]``), ``sep`` (int32 ``[batch]``) and the objective drawn for the batch (a
     0-dim int64: 0 token, 1 sentence, 2 document level). ``width`` is ``output_length``, or the
-    longest assembled row when 0. Same seed, same batch, on every device. ``glm_ext.data`` has the
-    friendly interface.
+    longest assembled row when 0. Same seed, same batch, on every device; each row draws from its
+    own generator, seeded from a hash of ``(seed, row)``. An empty row (length 0) stays empty (all
+    padding, ``sep`` 0). A row that cannot be built raises ``ValueError`` naming the row: nothing
+    but ``[CLS]``/``<eos>`` to mask, too short for the document level, or token-level spans that do
+    not fit with a token between them (possible above ``mask_ratio`` 0.5) in 16 draws.
+    ``glm_ext.data`` has the friendly interface.
     """
     return _ops.span_shuffle_batch(
         tokens, lengths, sentence_end_ids, int(seed) & 0x7FFFFFFFFFFFFFFF, [float(p) for p in objective_probs],
@@ -386,6 +407,7 @@ def _span_shuffle_batch_fake(
     min_document_ratio, cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size,
     output_length=0,
 ):
+    _check_same_device("", "tokens", tokens, lengths=lengths, sentence_end_ids=sentence_end_ids)
     width = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()
     batch = tokens.shape[0]
     long = dict(dtype=torch.int64, device=tokens.device)
@@ -409,6 +431,7 @@ def blank_infilling(
 
 @torch.library.register_fake("glm_ext::blank_infilling")
 def _blank_infilling_fake(tokens, spans, order, mask_id, sop_id, eop_id):
+    _check_same_device("", "tokens", tokens, spans=spans, order=order)
     width = tokens.shape[0] + 2 * spans.shape[0]
     long = dict(dtype=torch.int64, device=tokens.device)
     return (

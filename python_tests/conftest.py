@@ -7,6 +7,11 @@ in the same dtype (plus a tiny absolute floor for results PyTorch happens to get
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -16,14 +21,24 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def cuda_skip_reason() -> str | None:
+    """Why the tests marked ``cuda`` cannot run here, or None when they can. A visible GPU with an
+    extension built without its CUDA kernels skips them too, but test_build.py then fails."""
+    if not torch.cuda.is_available():
+        return "no CUDA device visible"
+    if not glm_ext.build_info()["cuda"]:
+        return "a GPU is visible but the extension was built without its CUDA kernels (test_build.py fails)"
+    return None
+
+
 def cuda_available() -> bool:
-    return torch.cuda.is_available() and glm_ext.build_info()["cuda"]
+    return cuda_skip_reason() is None
 
 
 def pytest_collection_modifyitems(config, items):
-    if cuda_available():
+    reason = cuda_skip_reason()
+    if reason is None:
         return
-    reason = "no CUDA device visible, or the extension was built without CUDA kernels"
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
@@ -49,3 +64,14 @@ def assert_within_pytorch_error(
     assert ours_error <= factor * pytorch_error + floor, (
         f"error {ours_error:.3g} exceeds {factor} x PyTorch's {pytorch_error:.3g} in {ours.dtype}"
     )
+
+
+def run_python(code: str, **env) -> str:
+    """Runs ``code`` in a fresh interpreter and returns its output: what may crash (a segfault, a
+    floating-point exception) fails the test that asked, not the whole suite."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, **env},
+    )
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
+    return result.stdout

@@ -4,15 +4,21 @@ objectives, the collator and varlen packing."""
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glm_ext import reference
+from glm_ext import ops, reference
 from glm_ext.data import (
     BlankInfillingCollator,
     BlankInfillingConfig,
@@ -147,8 +153,35 @@ def check_row(batch, rows, i, objective, n):
             rebuilt.append(token)
     original = rows[i, :n].tolist()
     assert rebuilt == original
-    assert length == n + 2 * len(spans) - (objective == "document")
+    assert length == n + 2 * len(spans) - (objective == "document" and len(spans) > 0)
     return original, spans
+
+
+def check_rows_follow_the_rules(out, rows, lengths, config):
+    """Every row of a batch against GLM_SPEC section 1 and the op's documented choices."""
+    objective = out.objective
+    for i in range(len(rows)):
+        n = int(lengths[i])
+        original, spans = check_row(out, rows, i, objective, n)
+        covered = sum(b - a for a, b in spans)
+        if n == 0:  # an empty row stays empty
+            assert spans == []
+        elif objective == "document":
+            (start, end), = spans
+            assert end == n and start >= 2 and covered >= min(int(config.min_document_ratio * n), n - 2)
+            continue
+        wanted = max(1, int(config.mask_ratio * n)) if n else 0
+        maskable = sum(1 for t in original if t not in (SPECIAL.cls, SPECIAL.eos))
+        assert covered >= wanted or objective == "sentence" and covered == maskable  # all sentences taken
+        for a, b in spans:  # never over [CLS] or <eos>
+            assert all(t not in (SPECIAL.cls, SPECIAL.eos) for t in original[a:b])
+        if objective == "token":  # spans do not overlap or touch
+            assert all(b1 < a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+            assert all(b - a <= config.max_span_length for a, b in spans)
+        else:  # whole sentences: each ends at a sentence end, a protected token or the row's end
+            for a, b in spans:
+                assert original[b - 1] in SENTENCE_ENDS or b == n or original[b] in (SPECIAL.cls, SPECIAL.eos)
+                assert a == 0 or original[a - 1] in SENTENCE_ENDS + (SPECIAL.cls, SPECIAL.eos)
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,25 +200,7 @@ def test_span_shuffle_batch_rows_follow_the_rules(seed, batch, length, documents
     config = BlankInfillingConfig(mask_ratio=ratio, objective_probs=probs, min_document_ratio=0.5)
     out = shuffle_batch(rows, seed=seed, lengths=lengths, config=config)
     assert out.objective == objective
-    for i in range(batch):
-        n = int(lengths[i])
-        original, spans = check_row(out, rows, i, objective, n)
-        covered = sum(b - a for a, b in spans)
-        if objective == "document":
-            (start, end), = spans
-            assert end == n and start >= 2 and covered >= min(int(0.5 * n), n - 2)
-            continue
-        assert covered >= max(1, int(ratio * n)) or objective == "sentence" and covered == sum(
-            1 for t in original if t not in (SPECIAL.cls, SPECIAL.eos)
-        )
-        for a, b in spans:  # never over [CLS] or <eos>
-            assert all(t not in (SPECIAL.cls, SPECIAL.eos) for t in original[a:b])
-        if objective == "token":  # spans do not overlap or touch
-            assert all(b1 < a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
-        else:  # whole sentences: each ends at a sentence end, a protected token or the row's end
-            for a, b in spans:
-                assert original[b - 1] in SENTENCE_ENDS or b == n or original[b] in (SPECIAL.cls, SPECIAL.eos)
-                assert a == 0 or original[a - 1] in SENTENCE_ENDS + (SPECIAL.cls, SPECIAL.eos)
+    check_rows_follow_the_rules(out, rows, lengths, config)
 
 
 def test_same_seed_same_batch_and_independent_of_threads():
@@ -266,8 +281,12 @@ def test_output_length_pads_every_row():
         (lambda rows, kw: rows.fill_(SPECIAL.cls), r"row 0 \(length 40\) has no token that may be masked"),
         (lambda rows, kw: rows.__setitem__((1, 3), VOCAB), r"row 1 \(length 40\) holds token ids outside \[0, vocab_size=200\)"),
         (lambda rows, kw: rows.__setitem__((1, 3), -4), r"row 1 .* outside \[0, vocab_size=200\)"),
-        (lambda rows, kw: kw.update(lengths=torch.tensor([40, 0])), r"row 1 \(length 0\) has no token"),
+        (lambda rows, kw: rows[1].fill_(SPECIAL.eos), r"row 1 \(length 40\) has no token that may be masked"),
         (lambda rows, kw: kw.update(lengths=torch.tensor([40, 41])), r"lengths must lie in \[0, tokens.size\(1\)=40\]"),
+        # int64 values are checked before they are narrowed to int32 (2^32 + 3 once passed as 3).
+        (lambda rows, kw: kw.update(lengths=torch.tensor([40, 2**32 + 3])),
+         r"lengths must lie in \[0, tokens.size\(1\)=40\], got values in \[40, 4294967299\]"),
+        (lambda rows, kw: kw.update(lengths=torch.tensor([-(2**32) + 3, 40])), r"got values in \[-4294967293, 40\]"),
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(mask_ratio=0.0)), r"mask_ratio must lie in \(0, 1\]"),
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(objective_probs=(0.5, 0.6, -0.1))), "objective_probs must lie in|each of objective_probs"),
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(objective_probs=(0.5, 0.4, 0.0))), "objective_probs must sum to 1"),
@@ -293,6 +312,169 @@ def test_too_short_rows():
         shuffle_batch(torch.zeros(2, 8))
     with pytest.raises(ValueError, match=r"tokens must be a 2-D batch"):
         shuffle_batch(torch.ones(8, dtype=torch.int64))
+
+
+def test_zero_sizes_give_empty_outputs():
+    for objective in ("token", "sentence", "document"):
+        out = shuffle_batch(torch.zeros(0, 30, dtype=torch.int64), objective)
+        assert out.tokens.shape == (0, 0) and out.position_ids.shape == (0, 2, 0) and out.sep.shape == (0,)
+        out = shuffle_batch(torch.zeros(3, 0, dtype=torch.int64), objective, output_length=4)
+        assert out.tokens.shape == (3, 4) and not out.sep.any() and not out.loss_mask.any()
+        assert (out.tokens == SPECIAL.pad).all() and not out.position_ids.any()
+        # An empty row among others stays empty (no text, no blanks); the others are built as usual.
+        rows, lengths = make_rows(2, 40), torch.tensor([0, 40])
+        out = shuffle_batch(rows, objective, lengths=lengths)
+        assert int(out.sep[0]) == 0 and (out.tokens[0] == SPECIAL.pad).all() and not out.loss_mask[0].any()
+        check_row(out, rows, 1, objective, 40)
+    row = blank_infilling([], [], mask_id=2, sop_id=3, eop_id=4)
+    assert row.tokens.shape == (0,) and row.position_ids.shape == (2, 0) and int(row.sep) == 0
+
+
+def test_blank_infilling_checks_int64_values_before_narrowing():
+    with pytest.raises(ValueError, match=r"span 0 = \[1, 4294967299\) must be non-empty and inside the row"):
+        blank_infilling([1, 11, 12], [(1, 2**32 + 3)], mask_id=2, sop_id=3, eop_id=4)
+    with pytest.raises(ValueError, match=r"span 0 = \[4294967297, 4294967298\)"):
+        blank_infilling([1, 11, 12], [(2**32 + 1, 2**32 + 2)], mask_id=2, sop_id=3, eop_id=4)
+    with pytest.raises(ValueError, match=r"order must be a permutation of 0..0, got 4294967296"):
+        blank_infilling([1, 11, 12], [(1, 2)], order=[2**32], mask_id=2, sop_id=3, eop_id=4)
+
+
+def test_mixed_devices_are_refused():
+    # A meta tensor among CPU tensors runs the fake kernel, which once returned uninitialised rows.
+    rows, none = make_rows(2, 20), torch.zeros(0, dtype=torch.int64)
+    args = dict(seed=0, objective_probs=(1.0, 0.0, 0.0), mask_ratio=0.15, poisson_lambda=3.0, max_span_length=10,
+                min_document_ratio=0.5, cls_id=1, eos_id=5, pad_id=0, mask_id=2, smask_id=6, gmask_id=7, sop_id=3,
+                eop_id=4, vocab_size=VOCAB)
+    with pytest.raises(ValueError, match=r"lengths must be on the device of tokens \(cpu\), got meta"):
+        ops.span_shuffle_batch(rows, torch.tensor([20, 20], device="meta"), none, **args)
+    with pytest.raises(ValueError, match=r"sentence_end_ids must be on the device of tokens \(cpu\), got meta"):
+        ops.span_shuffle_batch(rows, None, none.to("meta"), **args)
+    with pytest.raises(ValueError, match=r"tokens \(meta\), got cpu"):
+        ops.span_shuffle_batch(rows.to("meta"), torch.tensor([20, 20]), none.to("meta"), **args)
+    tokens, spans, order = torch.arange(5), torch.tensor([[1, 2]]), torch.tensor([0])
+    with pytest.raises(ValueError, match=r"spans must be on the device of tokens \(cpu\), got meta"):
+        ops.blank_infilling(tokens, spans.to("meta"), order, mask_id=2, sop_id=3, eop_id=4)
+    with pytest.raises(ValueError, match=r"order must be on the device of tokens \(cpu\), got meta"):
+        ops.blank_infilling(tokens, spans, order.to("meta"), mask_id=2, sop_id=3, eop_id=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every accepted configuration: valid rows or a clear per-row error, never a crash
+
+ROW_ERROR = r"span_shuffle_batch: row \d+ \(length \d+\) (has no token that may be masked|is too short for)"
+
+
+def random_configuration(rng):
+    """Rows, lengths, a config and a seed drawn over the whole range the op accepts (edges often):
+    rows in the authors' layout ([CLS], documents ending with <eos>) or with [CLS]/<eos> anywhere."""
+    batch = int(rng.integers(1, 5))
+    length = int(rng.choice([0, rng.integers(1, 8), rng.integers(8, 300), rng.integers(300, 1000)], p=[0.03, 0.17, 0.75, 0.05]))
+    rows = rng.integers(22, VOCAB, size=(batch, length))
+    rows[rng.random(rows.shape) < rng.random() * 0.3] = SENTENCE_ENDS[0]
+    if length and rng.random() < 0.6:
+        rows[:, 0], rows[:, -1] = SPECIAL.cls, SPECIAL.eos
+        rows[:, rng.integers(0, length, size=int(rng.integers(0, 5)))] = SPECIAL.eos
+    else:
+        rows[rng.random(rows.shape) < rng.random() ** 3] = SPECIAL.eos
+    lengths = None if rng.random() < 0.3 else torch.from_numpy(rng.integers(0, length + 1, size=batch))
+    probs = np.eye(3)[rng.integers(0, 3)] if rng.random() < 0.7 else rng.dirichlet(np.ones(3))
+    config = BlankInfillingConfig(
+        mask_ratio=float(rng.choice([1.0, 1e-9, 1.0 - rng.random()], p=[0.1, 0.05, 0.85])),
+        poisson_lambda=float(rng.choice([1e-300, 1e300, 10 ** rng.uniform(-3, 3)], p=[0.03, 0.03, 0.94])),
+        max_span_length=int(rng.choice([1, 4096, int(4096 ** rng.random())], p=[0.05, 0.05, 0.9])),
+        min_document_ratio=float(rng.choice([0.0, 1.0, rng.random()], p=[0.1, 0.1, 0.8])),
+        objective_probs=tuple(float(p) for p in probs / probs.sum()),
+    )
+    return torch.from_numpy(rows), lengths, config, int(rng.integers(0, 2**63))
+
+
+def fuzz_span_shuffle_batch(cases: int, seed: int) -> tuple[int, int]:
+    """Runs random configurations (test_every_accepted_configuration_gives_valid_rows_or_a_clear_error
+    calls this in a fresh interpreter); returns how many batches were built and how many refused."""
+    rng = np.random.default_rng(seed)
+    built = refused = 0
+    for _ in range(cases):
+        rows, lengths, config, batch_seed = random_configuration(rng)
+        try:
+            out = shuffle_batch(rows, seed=batch_seed, lengths=lengths, config=config)
+        except ValueError as error:
+            assert re.search(ROW_ERROR, str(error)), f"{error} for {config}"
+            refused += 1
+            continue
+        full = torch.full((len(rows),), rows.shape[1]) if lengths is None else lengths
+        check_rows_follow_the_rules(out, rows, full, config)
+        built += 1
+    return built, refused
+
+
+def test_every_accepted_configuration_gives_valid_rows_or_a_clear_error():
+    # In a fresh interpreter, so that a memory error fails this test only. First the reproducer of
+    # the crash (exit 139) that the random search found: segments other than the longest took
+    # spans without room for the gaps between them.
+    out = run_python(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import torch
+        from test_blank_infilling import BlankInfillingConfig, check_rows_follow_the_rules, fuzz_span_shuffle_batch
+        from glm_ext.data import span_shuffle_batch
+        from types import SimpleNamespace
+        row = torch.full((1, 141), 50); row[0, 0] = 1; row[0, [23, 81, 140]] = 0
+        ids = SimpleNamespace(cls=1, eos=0, pad=0, mask=2, sop=3, eop=4, gmask=5, smask=6)
+        config = BlankInfillingConfig(mask_ratio=0.6, poisson_lambda=1.0)
+        for seed in range(1200, 1300):
+            try:
+                span_shuffle_batch(row, special_ids=ids, vocab_size=300, config=config, seed=seed)
+            except ValueError as error:
+                assert "did not fit" in str(error), error
+        print(*fuzz_span_shuffle_batch(cases=800, seed=0))
+        """
+    )
+    built, refused = (int(x) for x in out.split())
+    assert built > 400 and refused > 50, (built, refused)  # both outcomes were exercised
+
+
+def test_span_shuffle_rows_under_address_and_undefined_behaviour_sanitizers(tmp_path):
+    # The per-row algorithm (csrc/span_shuffle.h) in a standalone program built with ASan/UBSan:
+    # every buffer has exactly the kernels' size, so any read or write past one is reported.
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("needs a C++ compiler")
+    root = Path(__file__).resolve().parent
+    harness = tmp_path / "harness"
+    subprocess.run(
+        [compiler, "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         f"-I{root.parent / 'csrc'}", str(root / "span_shuffle_fuzz" / "harness.cpp"), "-o", str(harness)],
+        check=True, capture_output=True, timeout=300,
+    )
+    result = subprocess.run(
+        [str(harness), "20000", "1"], capture_output=True, text=True, timeout=300,
+        env={"ASAN_OPTIONS": "detect_leaks=0", "UBSAN_OPTIONS": "print_stacktrace=1"},
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    _, built, refused = result.stdout.split()
+    assert int(built) > 10000 and int(refused) > 1000
+
+
+def test_rows_of_nearby_seeds_are_unrelated():
+    # Each row's generator once started from (seed + stream), stream = 2 * row + 1, so that row r
+    # of seed s drew what row r - 1 of seed s + 2 drew: consecutive seeds (seed = step) repeated
+    # each other's blanks a row apart. Document level: the suffix length is one uniform draw over
+    # 99 values, so two (seed, row) pairs agree by chance with probability 1/99.
+    n, batch, seeds = 200, 8, range(2000, 2024)
+    rows = make_rows(1, n).expand(batch, n).contiguous()
+    suffix = {}
+    for seed in seeds:
+        out = shuffle_batch(rows, "document", seed=seed)
+        for r in range(batch):
+            suffix[seed, r] = n - int(out.sep[r]) + 1
+    assert len(set(suffix.values())) > 60  # the draw covers its range
+    shifted = sum(suffix[s, r] == suffix[s + 2, r - 1] for s in seeds[:-2] for r in range(1, batch))
+    assert shifted <= 8, f"{shifted} of {(len(seeds) - 2) * (batch - 1)} rows repeat a row of seed + 2"
+    pairs = len(suffix) * (len(suffix) - 1) // 2
+    equal = sum(c * (c - 1) // 2 for c in Counter(suffix.values()).values())
+    expected = pairs / 99
+    assert equal < expected + 6 * math.sqrt(expected), (equal, expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,3 +536,16 @@ def test_cuda_batch_equals_cpu_batch(objective):
     cuda = shuffle_batch(rows.cuda(), objective, seed=99, lengths=lengths.cuda())
     for name in ("tokens", "targets", "loss_mask", "position_ids", "sep"):
         assert torch.equal(getattr(cpu, name), getattr(cuda, name).cpu()), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective", ["token", "sentence", "document"])
+def test_cuda_zero_sizes_and_empty_rows(objective):
+    rows, lengths = make_rows(3, 40), torch.tensor([0, 40, 17])
+    cpu = shuffle_batch(rows, objective, seed=5, lengths=lengths)
+    cuda = shuffle_batch(rows.cuda(), objective, seed=5, lengths=lengths.cuda())
+    for name in ("tokens", "targets", "loss_mask", "position_ids", "sep"):
+        assert torch.equal(getattr(cpu, name), getattr(cuda, name).cpu()), name
+    assert shuffle_batch(torch.zeros(0, 30, dtype=torch.int64, device="cuda"), objective).tokens.shape == (0, 0)
+    out = shuffle_batch(torch.zeros(3, 0, dtype=torch.int64, device="cuda"), objective, output_length=4)
+    assert (out.tokens == SPECIAL.pad).all() and not out.sep.any() and not out.loss_mask.any()

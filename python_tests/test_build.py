@@ -31,6 +31,17 @@ def test_build_info_describes_this_build():
         assert info["cuda_archs"] == [] and info["cuda_version"] is None
 
 
+def test_a_visible_gpu_means_the_cuda_kernels_are_built():
+    # Otherwise every test marked `cuda` would skip on a GPU machine, and the suite pass without
+    # having run a single CUDA kernel.
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU visible")
+    assert glm_ext.build_info()["cuda"], (
+        "a GPU is visible but glm_ext was built without its CUDA kernels (GLM_EXT_CUDA=0, or no nvcc or a CPU "
+        "build of torch at build time): rebuild with GLM_EXT_CUDA=1"
+    )
+
+
 def test_every_op_has_cpu_kernels_registered():
     for op in (
         "embedding_2d", "embedding_2d_backward", "rotary_2d", "rotary_2d_backward", "span_shuffle_batch",

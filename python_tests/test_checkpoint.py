@@ -82,7 +82,7 @@ def test_save_load_round_trip_is_exact(tmp_path, dtype, encoding):
     config = GLMConfig(**{**CONFIG.to_dict(), "position_encoding": encoding})
     model = random_model(config, dtype)
     target = save_checkpoint(model, tmp_path / "ckpt")
-    assert sorted(os.listdir(target)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(target)) == ["config.json", "manifest.json", "model.safetensors"]
     assert json.loads((target / "config.json").read_text()) == config.to_dict()
     loaded = load_checkpoint(target, attention_backend="reference")
     assert loaded.config == config and loaded.attention_backend == "reference"
@@ -121,12 +121,14 @@ def test_an_existing_checkpoint_is_replaced_only_when_the_new_one_is_complete(tm
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
     with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(new, target)
+        save_checkpoint(new, target, overwrite=True)
     assert_same_weights(load_checkpoint(target), old)
     assert leftovers(tmp_path) == []
 
     monkeypatch.undo()
-    save_checkpoint(new, target)
+    with pytest.raises(FileExistsError, match="already holds a checkpoint; pass overwrite=True"):
+        save_checkpoint(new, target)
+    save_checkpoint(new, target, overwrite=True)
     assert_same_weights(load_checkpoint(target), new)
     assert leftovers(tmp_path) == []
 
@@ -151,12 +153,83 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a glm_ext checkpoint"):
         load_checkpoint(tmp_path)
     target = save_checkpoint(random_model(), tmp_path / "ckpt")
+    (target / "manifest.json").unlink()  # as written before checksums: the config is still checked against the weights
     (target / "config.json").write_text(json.dumps({**CONFIG.to_dict(), "num_layers": 3}))
     with pytest.raises(ValueError, match=r"missing keys \(12\): transformer.layers.2.input_layernorm.weight"):
         load_checkpoint(target)
     (target / "config.json").write_text(json.dumps({**CONFIG.to_dict(), "heads": 3}))
-    with pytest.raises(ValueError, match="unknown GLMConfig field"):
+    with pytest.raises(ValueError, match="config.json is not a valid GLMConfig .*unknown GLMConfig field"):
         load_checkpoint(target)
+    (target / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not a valid GLMConfig"):
+        load_checkpoint(target)
+
+
+def flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", [-5, 1000, 40])  # in the weights, the middle, the safetensors header
+def test_flipped_bytes_in_the_weights_are_refused_naming_the_file(tmp_path, where):
+    target = save_checkpoint(random_model(), tmp_path / "ckpt")
+    flip_byte(target / "model.safetensors", where)
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors is damaged"):
+        load_checkpoint(target)
+
+
+def test_an_edited_head_count_is_refused_though_the_shapes_agree(tmp_path):
+    model = random_model()  # hidden 16, 2 heads; 4 heads have exactly the same weight shapes
+    target = save_checkpoint(model, tmp_path / "ckpt")
+    edited = GLMConfig(**{**CONFIG.to_dict(), "num_heads": 4})
+    with torch.device("meta"):
+        assert {k: v.shape for k, v in GLMModel(edited).state_dict().items()} == {
+            k: v.shape for k, v in model.state_dict().items()}
+    (target / "config.json").write_text(json.dumps(edited.to_dict(), indent=2) + "\n")
+    with pytest.raises(ValueError, match=r"ckpt/config.json is damaged"):
+        load_checkpoint(target)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_unreadable_weights_name_the_file(tmp_path, damage):
+    target = save_checkpoint(random_model(), tmp_path / "ckpt")
+    (target / "manifest.json").unlink()  # without checksums the reader itself must name the file
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 50, "empty": b""}[damage])
+    with pytest.raises(ValueError, match=r"ckpt/model.safetensors is damaged or not a safetensors file"):
+        load_checkpoint(target)
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: text[: len(text) // 2],
+    lambda text: text.replace('"sha256"', '"sha"', 1),
+    lambda text: "[]",
+    lambda text: text.replace("config.json", "other.json"),
+])
+def test_a_damaged_manifest_is_refused(tmp_path, damage):
+    target = save_checkpoint(random_model(), tmp_path / "ckpt")
+    manifest = target / "manifest.json"
+    manifest.write_text(damage(manifest.read_text()))
+    with pytest.raises(ValueError, match=r"ckpt/manifest.json is damaged"):
+        load_checkpoint(target)
+
+
+def test_a_carried_tokenizer_is_covered_by_the_manifest(tmp_path):
+    tokenizer = GLMTokenizer.train(default_corpus()[:5], 300)
+    target = save_checkpoint(random_model(), tmp_path / "ckpt", tokenizer=tokenizer)
+    assert checkpoint.checkpoint_metadata(target) == {"tokenizer_sha256": tokenizer.sha256}
+    flip_byte(target / "tokenizer.json", 100)
+    with pytest.raises(ValueError, match=r"ckpt/tokenizer.json is damaged"):
+        load_checkpoint(target)
+
+
+def test_metadata_is_saved_with_the_checkpoint(tmp_path):
+    target = save_checkpoint(random_model(), tmp_path / "ckpt", metadata={"tokenizer_sha256": "ab" * 32})
+    assert checkpoint.checkpoint_metadata(target) == {"tokenizer_sha256": "ab" * 32}
+    (target / "manifest.json").unlink()
+    assert checkpoint.checkpoint_metadata(target) == {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,7 +318,11 @@ def test_save_authors_checkpoint_round_trip(tmp_path):
     content = torch.load(written, weights_only=True)
     assert list(content) == ["module"] and sorted(content["module"]) == sorted(spec_keys(CONFIG.num_layers))
     assert_same_weights(import_authors_checkpoint(tmp_path, CONFIG), model)
-    save_authors_checkpoint(random_model(), written)  # replaces the file in place
+    with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+        save_authors_checkpoint(random_model(), written)
+    other = random_model()
+    save_authors_checkpoint(other, written, overwrite=True)
+    assert_same_weights(import_authors_checkpoint(tmp_path, CONFIG), other)
     assert leftovers(tmp_path) == []
 
 
@@ -276,6 +353,15 @@ def test_pickled_objects_are_refused_with_weights_only(tmp_path):
     torch.save({"module": export_authors_state_dict(random_model()), "np_rng_state": np.random.get_state()}, path)
     with pytest.raises(ValueError, match=r"weights_only=True.*If you trust the file"):
         import_authors_checkpoint(path, CONFIG)
+
+
+@pytest.mark.parametrize("content", [b"some notes\n", b"", b"PK\x03\x04 not really a zip", b"\x80\x02garbage"])
+def test_foreign_files_are_refused_in_one_line(tmp_path, content):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"notes.txt is not a PyTorch checkpoint") as info:
+        import_authors_checkpoint(path, CONFIG)
+    assert "weights_only=False" not in str(info.value)
 
 
 def test_missing_files():
@@ -315,6 +401,34 @@ def test_convert_with_a_preset_and_errors(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "a.pt"), str(tmp_path / "x"), "--preset", "base"]) == 1
     assert "mis-shaped keys" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_never_overwrites_without_overwrite(tmp_path, capsys):
+    model, other = random_model(GLMConfig.preset("tiny")), random_model(GLMConfig.preset("tiny"))
+    ours = save_checkpoint(model, tmp_path / "ours")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    assert cli_main(["convert", str(ours), str(notes), "--to", "authors"]) == 1
+    assert "notes.txt already exists; pass --overwrite" in capsys.readouterr().err
+    assert notes.read_text() == "my notes"
+    assert cli_main(["convert", str(ours), str(notes), "--to", "authors", "--overwrite"]) == 0
+    assert_same_weights(import_authors_checkpoint(notes, model.config), model)
+
+    save_authors_checkpoint(other, tmp_path / "other.pt")
+    assert cli_main(["convert", str(tmp_path / "other.pt"), str(ours), "--preset", "tiny"]) == 1
+    assert "ours already exists; pass --overwrite" in capsys.readouterr().err
+    assert_same_weights(load_checkpoint(ours), model)
+    assert cli_main(["convert", str(tmp_path / "other.pt"), str(ours), "--preset", "tiny", "--overwrite"]) == 0
+    assert_same_weights(load_checkpoint(ours), other)
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["convert", str(ours), str(tmp_path / "empty")]) == 0  # an empty directory holds nothing
+
+
+def test_convert_a_text_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "text.txt").write_text("just some text\n")
+    assert cli_main(["convert", str(tmp_path / "text.txt"), str(tmp_path / "x"), "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "text.txt is not a PyTorch checkpoint" in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +479,9 @@ def test_a_converted_checkpoint_with_each_tokenizer_family_generates(tmp_path, c
     for i, blank in enumerate(expected.blanks, 1):
         assert f"blank {i}: {blank.text!r}" in printed
 
-    # Converting again into the same directory replaces it; a glm_ext source passes its tokenizer on.
-    assert cli_main(argv) == 0
+    # Converting again into the same directory needs --overwrite; a glm_ext source passes its tokenizer on.
+    assert cli_main(argv) == 1 and "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli_main([*argv, "--overwrite"]) == 0
     assert cli_main(["convert", str(out), str(tmp_path / "again")]) == 0
     assert GLMTokenizer.from_file(tmp_path / "again" / "tokenizer.json").sha256 == tokenizer.sha256
 

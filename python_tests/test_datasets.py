@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from glm_ext.cli import main
 from glm_ext.data.corpus import default_corpus
+from glm_ext.data import datasets
 from glm_ext.data.datasets import PackedRowStream, TokenFile, prepare_token_file, token_dtype, token_file_paths
 from glm_ext.tokenizer import GLMTokenizer
 
@@ -341,3 +342,114 @@ def test_cli_reports_errors(tmp_path, capsys):
     assert main(["prepare-data", str(tmp_path / "nothing.txt"), "--train-tokenizer", "400",
                  "--output", str(tmp_path / "tokens")]) == 1
     assert "nothing.txt' does not exist" in capsys.readouterr().err
+
+
+# ----- long documents, damaged files, outputs ------------------------------------------------------
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of about 64 characters, at most 300, encoded at most 256 characters at a time."""
+    monkeypatch.setattr(datasets, "PIECE_CHARS", 64)
+    monkeypatch.setattr(datasets, "MAX_PIECE_CHARS", 300)
+    monkeypatch.setattr(datasets, "BATCH_CHARS", 256)
+
+
+def test_long_documents_are_encoded_in_bounded_pieces_with_the_ids_of_the_whole(tmp_path, tokenizer, small_pieces,
+                                                                                 monkeypatch):
+    topics = default_corpus()
+    long_text = "\n\n".join(topics[20:30]) + " [MASK] [gMASK]\tend  <|endoftext|> word\u3000x"
+    texts = [long_text, "   \n\t  " * 200, "a" * 1000 + " b", "short one", "x" * 700]
+    (tmp_path / "src").mkdir()
+    for i, text in enumerate(texts):
+        (tmp_path / "src" / f"{i}.txt").write_text(text, encoding="utf-8")
+    encoded_at_once = []
+    real_encode_batch = GLMTokenizer.encode_batch
+
+    def spy(self, pieces):
+        encoded_at_once.append(sum(map(len, pieces)))
+        return real_encode_batch(self, pieces)
+
+    monkeypatch.setattr(GLMTokenizer, "encode_batch", spy)
+    token_file = prepare_token_file([tmp_path / "src"], tokenizer, tmp_path / "tokens")
+    assert max(encoded_at_once) <= 300 and len(encoded_at_once) > len(long_text) // 300
+    assert token_file.metadata["skipped_blank_documents"] == 1 and len(token_file) == 4
+    kept = [text for text in texts if text.strip()]
+    assert stored_texts(token_file, tokenizer) == kept
+    # Cut only before words, so the ids are those of each document encoded whole; only the runs of
+    # more than MAX_PIECE_CHARS characters without a space (the last two) may be cut inside.
+    for i, text in enumerate(kept[:3]):
+        assert token_file.document(i)[:-1].tolist() == tokenizer.encode(text), i
+
+
+def test_a_tokenizer_trained_on_pieces_is_the_one_trained_on_whole_documents(small_pieces):
+    documents = default_corpus()[:8]
+    pieces = [piece for _, piece in datasets.iter_text_pieces([], with_default_corpus=True)]
+    assert len(pieces) > 3 * len(default_corpus())
+    whole = GLMTokenizer.train(documents, 400)
+    cut = GLMTokenizer.train([p for n, p in datasets.iter_text_pieces([], with_default_corpus=True) if n < 8], 400)
+    assert cut.sha256 == whole.sha256
+
+
+@pytest.mark.parametrize("damage", [
+    lambda meta: "not json {",
+    lambda meta: "[1, 2]",
+    lambda meta: json.dumps({k: v for k, v in meta.items() if k != "dtype"}),
+    lambda meta: json.dumps({**meta, "dtype": "float32"}),
+    lambda meta: json.dumps({**meta, "num_documents": "3"}),
+    lambda meta: json.dumps({**meta, "num_tokens": True}),
+    lambda meta: json.dumps({**meta, "special_ids": {**meta["special_ids"], "cls": "1"}}),
+    lambda meta: json.dumps({**meta, "special_ids": {k: v for k, v in meta["special_ids"].items() if k != "eos"}}),
+    lambda meta: json.dumps({**meta, "special_ids": None}),
+])
+def test_damaged_metadata_is_named(tmp_path, tokenizer, damage):
+    make_token_file(tmp_path, tokenizer)
+    meta_path = token_file_paths(tmp_path / "tokens")[2]
+    meta_path.write_text(damage(json.loads(meta_path.read_text())))
+    with pytest.raises(ValueError, match=rf"{meta_path} is damaged"):
+        TokenFile(tmp_path / "tokens")
+
+
+def test_damaged_boundaries_and_tokens_are_named(tmp_path, tokenizer):
+    make_token_file(tmp_path, tokenizer)
+    bin_path, idx_path, _ = token_file_paths(tmp_path / "tokens")
+    good_idx = idx_path.read_bytes()
+    for damaged in (b"garbage", good_idx[: len(good_idx) // 2]):
+        idx_path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"{idx_path} is damaged"):
+            TokenFile(tmp_path / "tokens")
+    np.save(idx_path, np.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match=rf"{idx_path} is damaged \(float64 \[2\], expected int64"):
+        TokenFile(tmp_path / "tokens")
+    idx_path.write_bytes(good_idx)
+    bin_path.write_bytes(bin_path.read_bytes() + b"\x00")  # half a uint16 token
+    with pytest.raises(ValueError, match=rf"{bin_path} is damaged"):
+        TokenFile(tmp_path / "tokens")
+
+
+@pytest.mark.parametrize("output", ["o/", "o"])
+def test_a_directory_output_is_refused(tmp_path, capsys, output):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    args = ["prepare-data", str(tmp_path / "a.txt"), "--train-tokenizer", "300", "--output", str(tmp_path / output)]
+    assert main(args) == 1
+    assert "is a directory; name the files inside it" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["a.txt", "o"] and os.listdir(tmp_path / "o") == []
+
+
+def test_a_failed_run_leaves_no_trained_tokenizer(tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text(" \n\n", encoding="utf-8")
+    args = ["prepare-data", str(tmp_path / "blank.txt"), "--train-tokenizer", "300", "--output", str(tmp_path / "x")]
+    assert main(args) == 1
+    assert "no non-blank documents" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["blank.txt"]
+
+
+def test_a_garbage_tokenizer_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("some text", encoding="utf-8")
+    (tmp_path / "tok.json").write_text("garbage")
+    assert main(["prepare-data", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--output", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: tokenizer file") and "tok.json' is not JSON" in err
+    assert err.count("\n") == 1

@@ -196,6 +196,27 @@ def test_bad_input_gets_clear_error(mutate, error, match):
         ops.embedding_2d(*ids, *tables)
 
 
+def test_zero_sizes_give_empty_outputs():
+    for id_shape, hidden in (((0, 5), 8), ((3, 0), 8), ((2, 4), 0), ((0,), 0)):
+        ids, tables = make_case(id_shape, hidden)
+        tables = [t.requires_grad_() for t in tables]
+        out = ops.embedding_2d(*ids, *tables)
+        assert out.shape == (*id_shape, hidden)
+        grads = torch.autograd.grad(out.sum(), tables)
+        assert [g.shape for g in grads] == [t.shape for t in tables] and not any(g.any() for g in grads)
+
+
+def test_mixed_devices_are_refused():
+    # A meta tensor among CPU tensors runs the fake kernel, which once returned uninitialised memory.
+    ids, tables = make_case((2, 4), 8)
+    with pytest.raises(ValueError, match=r"position_weight must be on the device of input_ids \(cpu\), got meta"):
+        ops.embedding_2d(*ids, tables[0], tables[1].to("meta"), tables[2])
+    with pytest.raises(ValueError, match=r"block_position_ids must be on the device of input_ids \(cpu\), got meta"):
+        ops.embedding_2d(ids[0], ids[1], ids[2].to("meta"), *tables)
+    with pytest.raises(ValueError, match=r"grad_output must be on the device of input_ids \(cpu\), got meta"):
+        torch.ops.glm_ext.embedding_2d_backward(torch.randn(2, 4, 8, device="meta"), *ids, 97, 33, 9)
+
+
 def test_backward_bad_input():
     ids, _ = make_case((2, 4), 8)
     with pytest.raises(ValueError, match=r"grad_output must have shape \[\*input_ids.shape, hidden\]"):
@@ -277,5 +298,15 @@ def test_cuda_out_of_range_ids():
 @pytest.mark.cuda
 def test_cuda_device_mismatch():
     ids, tables = make_case((2, 4), 8)
-    with pytest.raises(ValueError, match="word_weight must be on the same device as input_ids"):
+    with pytest.raises(ValueError, match="word_weight must be on the device of input_ids"):
         ops.embedding_2d(*ids, tables[0].cuda(), *tables[1:])
+
+
+@pytest.mark.cuda
+def test_cuda_zero_sizes_give_empty_outputs():
+    for id_shape, hidden in (((0, 5), 8), ((3, 0), 8), ((2, 4), 0)):
+        ids, tables = make_case(id_shape, hidden, device="cuda")
+        assert ops.embedding_2d(*ids, *tables).shape == (*id_shape, hidden)
+        grads = torch.ops.glm_ext.embedding_2d_backward(torch.zeros(*id_shape, hidden, device="cuda"), *ids, 97, 33, 9)
+        assert [g.shape for g in grads] == [t.shape for t in tables] and not any(g.any() for g in grads)
+    torch.cuda.synchronize()

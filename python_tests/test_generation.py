@@ -745,8 +745,6 @@ def test_bad_settings_raise_value_errors_naming_them(tokenizer):
         (dict(num_beams=0), "num_beams must be an integer >= 1"),
         (dict(num_beams=2, temperature=0.7), "num_beams > 1 .* deterministic"),
         (dict(num_beams=2, stop_strings=["x"]), "stop_strings cannot be combined with num_beams"),
-        (dict(top_k=5), "top_k and top_p only apply to sampling"),
-        (dict(top_p=0.5), "top_k and top_p only apply to sampling"),
         (dict(length_penalty=0.7), "length_penalty and early_stopping only apply to beam search"),
         (dict(early_stopping=True), "length_penalty and early_stopping only apply to beam search"),
         (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),

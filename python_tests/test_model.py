@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 from conftest import assert_within_pytorch_error
 
+from glm_ext import model as model_module
+from glm_ext import reference
 from glm_ext.model import PRESETS, GLMConfig, GLMModel, KVCache, lm_loss, pad_vocab_size
 
 BACKENDS = [
@@ -385,8 +388,9 @@ def test_lm_loss_matches_masked_mean_of_log_softmax():
     picked = [(b, t) for b in range(2) for t in range(5) if mask[b, t]]
     manual = sum(torch.logsumexp(logits[b, t], 0) - logits[b, t, targets[b, t]] for b, t in picked) / len(picked)
     loss = lm_loss(logits, targets, mask)
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss.double(), manual, rtol=1e-6, atol=1e-6)
+    assert loss.dtype == torch.float64  # float64 logits keep their precision
+    torch.testing.assert_close(loss, manual, rtol=1e-12, atol=1e-12)
+    assert lm_loss(logits.float(), targets, mask).dtype == torch.float32
 
 
 def test_lm_loss_weights_and_ignores_masked_targets():
@@ -585,3 +589,121 @@ def test_unknown_backends():
     model = GLMModel(small_config())
     with pytest.raises(ValueError, match="embedding_backend must be one of"):
         model.embedding_backend = "triton"
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention backend choice ("auto") and the dense mask
+
+
+def choose(requested="auto", device_type="cpu", dtype=torch.float32, head_dim=64, attention_dropout=0.0):
+    return model_module.choose_attention_backend(
+        requested, device_type=device_type, dtype=dtype, head_dim=head_dim, attention_dropout=attention_dropout
+    ).backend
+
+
+def test_auto_attention_backend_decisions(monkeypatch):
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        assert choose(dtype=dtype, head_dim=8) == choose(dtype=dtype, head_dim=256) == "fused"
+    assert choose(head_dim=512) == "sdpa"
+    assert choose(attention_dropout=0.1) == "sdpa"  # the kernel has no dropout
+    assert choose(device_type="mps") == "sdpa"
+    # CUDA: SDPA until the kernel has passed its tests on a GPU, then fused where it applies.
+    monkeypatch.setattr(model_module, "FUSED_ATTENTION_CUDA_VERIFIED", False)
+    choice = model_module.choose_attention_backend(
+        "auto", device_type="cuda", dtype=torch.bfloat16, head_dim=64, attention_dropout=0.0
+    )
+    assert choice == model_module.AttentionChoice("sdpa", model_module.FUSED_ATTENTION_CUDA_PENDING)
+    monkeypatch.setattr(model_module, "FUSED_ATTENTION_CUDA_VERIFIED", True)
+    monkeypatch.setattr(model_module, "EXTENSION_HAS_CUDA_KERNELS", False)
+    assert choose(device_type="cuda", dtype=torch.bfloat16, head_dim=64) == "sdpa"
+    monkeypatch.setattr(model_module, "EXTENSION_HAS_CUDA_KERNELS", True)
+    for dtype in (torch.bfloat16, torch.float16):
+        for head_dim in (64, 128):
+            assert choose(device_type="cuda", dtype=dtype, head_dim=head_dim) == "fused"
+        assert choose(device_type="cuda", dtype=dtype, head_dim=96) == "sdpa"
+    assert choose(device_type="cuda", dtype=torch.float32, head_dim=64) == "sdpa"
+    assert choose(device_type="cuda", dtype=torch.bfloat16, head_dim=64, attention_dropout=0.1) == "sdpa"
+    # Explicit backends are kept, but never silently without the dropout the model trains with.
+    assert choose("reference") == "reference" and choose("sdpa", attention_dropout=0.1) == "sdpa"
+    with pytest.raises(ValueError, match="attention_backend='fused' has no attention dropout"):
+        choose("fused", attention_dropout=0.1)
+
+
+def test_model_resolves_auto_per_mode_and_autocast():
+    model = GLMModel(small_config(attention_dropout=0.1))
+    assert model.attention_backend == "auto" and model.backends("cpu").attention == "sdpa"  # training
+    model.eval()
+    assert model.backends("cpu").attention == "fused"
+    assert model.backends("cuda").attention == "sdpa"  # see FUSED_ATTENTION_CUDA_VERIFIED
+    assert model.backends("cpu", torch.bfloat16).attention_kernel is not None
+    model.attention_backend = "reference"
+    assert model.backends("cpu").reason == "set explicitly"
+
+
+@pytest.mark.parametrize("seq_q, seq_k", [(7, 7), (3, 7)])
+def test_dense_mask_is_the_mixed_mask(seq_q, seq_k):
+    sep = torch.tensor([0, 2, 7])
+    expected = reference.mixed_mask(sep, seq_q, seq_k)[:, None]
+    assert torch.equal(model_module.dense_mixed_mask(sep, None, seq_q, seq_k), expected)
+    cu_seqlens = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    packed = model_module.dense_mixed_mask(torch.tensor([1, 0, 5]), cu_seqlens, 8, 8)[0, 0]
+    blocks = torch.block_diag(reference.mixed_mask(torch.tensor([1]), 3, 3)[0],
+                              reference.mixed_mask(torch.tensor([5]), 5, 5)[0])
+    assert torch.equal(packed, blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+DROPOUTS = ("embedding_dropout", "attention_dropout", "output_dropout")
+
+
+def test_configs_without_dropout_fields_load_with_no_dropout():
+    saved = {k: v for k, v in small_config().to_dict().items() if k not in DROPOUTS}  # an older config.json
+    config = GLMConfig.from_dict(saved)
+    assert all(getattr(config, name) == 0.0 for name in DROPOUTS)
+    with pytest.raises(ValueError, match=r"GLMConfig.output_dropout must be a probability in \[0, 1\), got 1.0"):
+        small_config(output_dropout=1.0)
+
+
+@pytest.mark.parametrize("attention", ["auto", "sdpa", "fused"])
+def test_no_dropout_trains_exactly_like_eval(attention):
+    # Dropout 0 (the default) leaves training exactly as before dropout existed: train() and eval()
+    # agree bit for bit, and test_logits_match_independent_float64_implementation pins eval().
+    model = random_model(small_config(), attention=attention)
+    ids, positions, sep = random_inputs(model.config, batch=3, seq=10)
+    train_logits = model(ids, positions, sep)
+    model.eval()
+    assert torch.equal(train_logits, model(ids, positions, sep))
+
+
+@pytest.mark.parametrize("name", DROPOUTS)
+def test_dropout_acts_in_training_only(name):
+    config = small_config(hidden_size=64, max_sequence_length=32)
+    plain = random_model(config, attention="auto", scale=0.1)
+    dropped = GLMModel(dataclasses.replace(config, **{name: 0.3})).double()
+    dropped.load_state_dict(plain.state_dict())
+    ids, positions, sep = random_inputs(config, batch=2, seq=24)
+    plain.eval()
+    expected = plain(ids, positions, sep)
+    first, second = dropped(ids, positions, sep), dropped(ids, positions, sep)
+    assert rel_error(first, expected) > 1e-3 and rel_error(second, first) > 1e-3
+    dropped.eval()
+    assert torch.equal(dropped(ids, positions, sep), expected)
+
+
+def test_dropout_with_activation_checkpointing_recomputes_the_same_masks():
+    config = small_config(embedding_dropout=0.2, attention_dropout=0.2, output_dropout=0.2)
+    weights = random_model(config).state_dict()
+    ids, positions, sep = random_inputs(config, batch=2, seq=10)
+    targets = torch.randint(0, config.vocab_size, (2, 10))
+    grads = []
+    for flag in (False, True):
+        model = GLMModel(config, activation_checkpointing=flag).double()
+        model.load_state_dict(weights)
+        torch.manual_seed(7)
+        lm_loss(model(ids, positions, sep), targets, torch.ones(2, 10)).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

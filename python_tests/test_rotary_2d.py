@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import ALL_FLOATS, LOW_PRECISION, assert_within_pytorch_error
+from conftest import ALL_FLOATS, LOW_PRECISION, assert_within_pytorch_error, run_python
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -175,6 +175,37 @@ def test_bad_dtypes_and_base():
             ops.rotary_2d(x, position, block, base)
 
 
+def test_zero_sizes_give_empty_outputs():
+    # In a fresh interpreter: zero heads once killed the process with a floating-point exception
+    # (the CPU kernel's grain size divided by heads * head_dim).
+    run_python(
+        """
+        import torch
+        from glm_ext import ops
+        for shape in [(2, 3, 0, 8), (5, 0, 8), (0, 3, 2, 8), (2, 0, 2, 8), (0, 2, 8), (0, 0, 0, 4)]:
+            x = torch.randn(shape, requires_grad=True)
+            ids = torch.zeros(shape[:-2], dtype=torch.int64)
+            out = ops.rotary_2d(x, ids, ids)
+            assert out.shape == x.shape
+            assert torch.ops.glm_ext.rotary_2d_backward(x.detach(), ids, ids, 10000.0).shape == x.shape
+            out.sum().backward()
+            assert x.grad.shape == x.shape
+        """
+    )
+
+
+def test_mixed_devices_are_refused():
+    # A meta tensor among CPU tensors runs the fake kernel, which once returned uninitialised memory.
+    x, position, block = make_case((2, 3, 4, 8), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"position_ids must be on the device of x \(cpu\), got meta"):
+        ops.rotary_2d(x, position.to("meta"), block)
+    with pytest.raises(ValueError, match=r"block_position_ids must be on the device of x \(meta\), got cpu"):
+        ops.rotary_2d(x.to("meta"), position.to("meta"), block)
+    with pytest.raises(ValueError, match=r"block_position_ids must be on the device of grad_output \(cpu\), got meta"):
+        torch.ops.glm_ext.rotary_2d_backward(x, position, block.to("meta"), 10000.0)
+    assert ops.rotary_2d(x.to("meta"), position.to("meta"), block.to("meta")).device.type == "meta"
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
@@ -203,3 +234,13 @@ def test_cuda_strided_qkv_view():
     k = qkv[..., heads * head_dim : 2 * heads * head_dim].view(batch, seq, heads, head_dim)
     _, position, block = make_case((batch, seq, heads, head_dim), device="cuda")
     torch.testing.assert_close(ops.rotary_2d(k, position, block), ops.rotary_2d(k.contiguous(), position, block), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_zero_sizes_give_empty_outputs():
+    for shape in [(2, 3, 0, 8), (5, 0, 8), (0, 3, 2, 8), (2, 0, 2, 8)]:
+        x = torch.randn(shape, device="cuda")
+        ids = torch.zeros(shape[:-2], dtype=torch.int64, device="cuda")
+        assert ops.rotary_2d(x, ids, ids).shape == x.shape
+        assert torch.ops.glm_ext.rotary_2d_backward(x, ids, ids, 10000.0).shape == x.shape
+    torch.cuda.synchronize()

@@ -7,7 +7,9 @@
 // and never visited; in the others the softmax compares each lane's key index with the row's
 // count (one compare per lane, all true below every row's count: no mask tensor, no separate
 // pass). Queries of a block see a growing prefix, so its key loop ends at the last row's count;
-// in the backward, a key block starts its query loop at the first query that sees it. Scores,
+// in the backward, a key block starts its query loop at the first query that sees it. The
+// products over a tile's keys or queries skip the masked pairs rather than weighting them by zero,
+// so that a NaN in a row reaches exactly the rows that see it (as if the mask removed the pair). Scores,
 // probabilities and the output accumulator are float32 (float64 for float64 inputs); bf16/fp16
 // inputs are converted into small per-thread buffers, whose head dimension is padded with zeros
 // to a multiple of the SIMD width.
@@ -487,6 +489,43 @@ int64_t visible_keys(const MixedMaskSample& s, int64_t row) {
   return std::min(s.len_k, std::max(s.sep, s.len_k - s.len_q + row + 1));
 }
 
+// Products over the keys (P V, dS K) and over the queries (P^T dO, dS^T Q) of a tile skip the
+// masked pairs instead of multiplying them by their zero probability: 0 * NaN is NaN, so a NaN or
+// infinity in a key or value row (or a query row) would otherwise reach rows that never see it.
+// Query i of a block sees the keys [0, visible[i]), and visible grows with i, so every row of a
+// tile sees a prefix of its keys and every key is seen by a suffix of its queries: the rows that
+// see everything go through one blocked product, the others (the tiles on the diagonal) row by row.
+
+// c[i] += a[i, :n_i] @ b[:n_i] for the query rows i < rows of a tile, n_i = min(visible[i] - k0,
+// cols). Row i of a starts at a + i * row_step: row_step = lda with gemm_add (a is [rows, kTile]),
+// 1 with gemm_add_ta (a is stored transposed, [keys, kTile]).
+template <typename T, typename Gemm>
+void add_product_over_visible_keys(Gemm gemm, const T* a, int64_t lda, int64_t row_step, const T* b, T* c,
+                                   int64_t dp, int64_t rows, int64_t k0, int64_t cols,
+                                   const LaneInt<T>* visible) {
+  int64_t partial = rows;  // rows [partial, rows) see every key of the tile
+  while (partial > 0 && visible[partial - 1] - k0 >= cols) --partial;
+  if (partial < rows) gemm(a + partial * row_step, lda, b, dp, c + partial * dp, dp, rows - partial, cols, dp);
+  for (int64_t i = 0; i < partial; ++i) {
+    const int64_t seen = visible[i] - k0;
+    if (seen > 0) gemm(a + i * row_step, lda, b, dp, c + i * dp, dp, 1, seen, dp);
+  }
+}
+
+// c[j] += a[j, f_j:rows] @ b[f_j:rows] for the keys j < keys of a tile (a [keys, kTile], b the
+// block's query rows), f_j the first of the block's queries that sees key k0 + j.
+template <typename T, typename Gemm>
+void add_product_over_seeing_queries(Gemm gemm, const T* a, const T* b, T* c, int64_t dp, int64_t keys,
+                                     int64_t rows, int64_t k0, const LaneInt<T>* visible) {
+  int64_t everyone = 0;  // keys [0, everyone) are seen by every query of the block
+  while (everyone < keys && rows > 0 && visible[0] > k0 + everyone) ++everyone;
+  if (everyone > 0) gemm(a, kTile, b, dp, c, dp, everyone, rows, dp);
+  for (int64_t j = everyone, first = 0; j < keys; ++j) {
+    while (first < rows && visible[first] <= k0 + j) ++first;
+    if (first < rows) gemm(a + j * kTile + first, kTile, b + first * dp, dp, c + j * dp, dp, 1, rows - first, dp);
+  }
+}
+
 // Work items of a pass: for each sample, `heads` heads times ceil(len / kTile) blocks of its
 // queries (or keys), numbered sample-major, then head, then block, so that the consecutive items
 // of a thread share their key/value (or query) head.
@@ -595,7 +634,8 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
         const int64_t cols = std::min(kTile, s.len_k - k0);
         kernels.gemm_set(qbuf, dp, k_copy.tile(k0), kTile, scores, kTile, rows, dp, kTile);
         kernels.softmax_tile(scores, rows, k0, visible, scale, row_max, row_sum, acc, dp);
-        kernels.gemm_add(scores, kTile, v_copy.row(k0), dp, acc, dp, rows, cols, dp);
+        add_product_over_visible_keys(kernels.gemm_add, scores, kTile, kTile, v_copy.row(k0), acc, dp, rows, k0,
+                                      cols, visible);
       }
       scalar_t* o_rows = o + attention_offset(o_layout, s, s.q_start, q0, h);
       T* l_rows = lse_ptr + attention_offset(l_layout, s, s.q_start, q0, h);
@@ -721,9 +761,12 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
               kernels.gemm_set(k_rows, dp, q_copy.tile(q0), kTile, st, kTile, keys, dp, kTile);          // K Q^T
               kernels.gemm_set(v_copy.row(k0), dp, go_copy.tile(q0), kTile, dpt, kTile, keys, dp, kTile);  // V dO^T
               kernels.grad_scores_columns(st, dpt, keys, k0, col_visible, col_lse, col_delta, scale);
-              kernels.gemm_add(st, kTile, go_copy.row(q0), dp, dv.data() + k0 * dp, dp, keys, rows, dp);  // P^T dO
-              kernels.gemm_add(dpt, kTile, q_copy.row(q0), dp, dk.data() + k0 * dp, dp, keys, rows, dp);  // dS^T Q
-              kernels.gemm_add_ta(dpt, kTile, k_rows, dp, dq.data() + q0 * dp, dp, rows, keys, dp);       // dS K
+              add_product_over_seeing_queries(kernels.gemm_add, st, go_copy.row(q0), dv.data() + k0 * dp, dp, keys,
+                                              rows, k0, col_visible);  // P^T dO
+              add_product_over_seeing_queries(kernels.gemm_add, dpt, q_copy.row(q0), dk.data() + k0 * dp, dp, keys,
+                                              rows, k0, col_visible);  // dS^T Q
+              add_product_over_visible_keys(kernels.gemm_add_ta, dpt, kTile, 1, k_rows, dq.data() + q0 * dp, dp,
+                                            rows, k0, keys, col_visible);  // dS K
             }
           }
           scalar_t* gq_rows = gq + attention_offset(gq_layout, s, s.q_start, 0, h);
@@ -791,8 +834,10 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
           kernels.gemm_set(kbuf, dp, q_copy.tile(q0), kTile, st, kTile, keys, dp, kTile);    // K Q^T
           kernels.gemm_set(vbuf, dp, go_copy.tile(q0), kTile, dpt, kTile, keys, dp, kTile);  // V dO^T
           kernels.grad_scores_columns(st, dpt, keys, k0, col_visible, col_lse, col_delta, scale);
-          kernels.gemm_add(st, kTile, go_copy.row(q0), dp, dv, dp, keys, rows, dp);  // dV += P^T dO
-          kernels.gemm_add(dpt, kTile, q_copy.row(q0), dp, dk, dp, keys, rows, dp);  // dK += dS^T Q
+          add_product_over_seeing_queries(kernels.gemm_add, st, go_copy.row(q0), dv, dp, keys, rows, k0,
+                                          col_visible);  // dV += P^T dO
+          add_product_over_seeing_queries(kernels.gemm_add, dpt, q_copy.row(q0), dk, dp, keys, rows, k0,
+                                          col_visible);  // dK += dS^T Q
         }
       }
       scalar_t* gk_rows = gk + attention_offset(gk_layout, s, s.k_start, k0, kv_head);
@@ -842,7 +887,8 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
         kernels.gemm_set(qbuf, dp, k_copy.tile(k0), kTile, scores, kTile, rows, dp, kTile);     // Q K^T
         kernels.gemm_set(gobuf, dp, v_copy.tile(k0), kTile, dscores, kTile, rows, dp, kTile);  // dO V^T
         kernels.grad_scores_rows(scores, dscores, rows, k0, visible, row_lse, row_delta, scale);
-        kernels.gemm_add(dscores, kTile, k_copy.row(k0), dp, dq, dp, rows, cols, dp);  // dQ += dS K
+        add_product_over_visible_keys(kernels.gemm_add, dscores, kTile, kTile, k_copy.row(k0), dq, dp, rows, k0,
+                                      cols, visible);  // dQ += dS K
       }
       scalar_t* gq_rows = gq + attention_offset(gq_layout, s, s.q_start, q0, h);
       for (int64_t i = 0; i < rows; ++i) {

@@ -18,6 +18,7 @@ at::Tensor rotate_2d_cpu(const at::Tensor& x, const at::Tensor& position_ids,
                          const char* x_name) {
   const auto args = check_rotary_2d_inputs(x, position_ids, block_position_ids, base, x_name);
   auto out = at::empty(x.sizes(), x.options());
+  if (out.numel() == 0) return out;  // no tokens or no heads (the grain below divides by heads)
   const int64_t tokens = args.batch * args.seq;
   const int64_t heads = args.heads, head_dim = args.head_dim;
   const int64_t rot_dim = head_dim / 2, pairs = head_dim / 4;

@@ -84,21 +84,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blank_inf
   const int64_t n = tokens.size(0), count = spans.size(0);
   TORCH_CHECK_VALUE(order.dim() == 1 && order.size(0) == count, "order must have shape [", count,
                     "], got ", order.sizes());
+  for (auto [t, name] : {std::pair{&spans, "spans"}, std::pair{&order, "order"}}) {
+    TORCH_CHECK_VALUE(t->device() == tokens.device(), name, " must be on the device of tokens (",
+                      tokens.device(), "), got ", t->device());
+  }
+  TORCH_CHECK_VALUE(n <= (int64_t{1} << 29), "tokens: rows longer than 2^29 tokens are not supported, got ", n);
   const auto row = tokens.to(at::kLong).contiguous();
-  const auto span_values = spans.to(at::kInt).contiguous();
-  const auto order_values = order.to(at::kInt).contiguous();
-  const int32_t* sv = span_values.data_ptr<int32_t>();
-  std::vector<int32_t> start(count), end(count), position(count);
+  // Values are checked as int64, then narrowed: nothing out of range can wrap into range.
+  const auto span_values = spans.to(at::kLong).contiguous();
+  const auto order_values = order.to(at::kLong).contiguous();
+  const int64_t* sv = span_values.const_data_ptr<int64_t>();
+  const int64_t* ov = order_values.const_data_ptr<int64_t>();
+  std::vector<int32_t> start(count), end(count), order32(count), position(count);
   std::vector<bool> seen(count, false);
   for (int64_t s = 0; s < count; ++s) {
-    start[s] = sv[2 * s];
-    end[s] = sv[2 * s + 1];
-    TORCH_CHECK_VALUE(0 <= start[s] && start[s] < end[s] && end[s] <= n, "span ", s, " = [", start[s],
-                      ", ", end[s], ") must be non-empty and inside the row [0, ", n, ")");
-    TORCH_CHECK_VALUE(s == 0 || start[s] >= end[s - 1], "spans must be in text order and must not overlap; span ",
-                      s, " starts at ", start[s], " before span ", s - 1, " ends at ", end[s - 1]);
-    const int32_t k = order_values.data_ptr<int32_t>()[s];
-    TORCH_CHECK_VALUE(0 <= k && k < count && !seen[k], "order must be a permutation of 0..", count - 1);
+    const int64_t a = sv[2 * s], b = sv[2 * s + 1], k = ov[s];
+    TORCH_CHECK_VALUE(0 <= a && a < b && b <= n, "span ", s, " = [", a, ", ", b,
+                      ") must be non-empty and inside the row [0, ", n, ")");
+    TORCH_CHECK_VALUE(s == 0 || a >= end[s - 1], "spans must be in text order and must not overlap; span ",
+                      s, " starts at ", a, " before span ", s - 1, " ends at ", end[s - 1]);
+    TORCH_CHECK_VALUE(0 <= k && k < count && !seen[k], "order must be a permutation of 0..", count - 1,
+                      ", got ", k, " at index ", s);
+    start[s] = static_cast<int32_t>(a);
+    end[s] = static_cast<int32_t>(b);
+    order32[s] = static_cast<int32_t>(k);
     seen[k] = true;
   }
   const int64_t width = assembled_length(static_cast<int32_t>(n), static_cast<int32_t>(count), false);
@@ -110,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> blank_inf
   params.eop_id = eop_id;
   const int32_t sep = assemble_row(
       row.data_ptr<int64_t>(), static_cast<int32_t>(n), start.data(), end.data(),
-      order_values.data_ptr<int32_t>(), static_cast<int32_t>(count), mask_id, false, params,
+      order32.data(), static_cast<int32_t>(count), mask_id, false, params,
       static_cast<int32_t>(width), out_tokens.data_ptr<int64_t>(), targets.data_ptr<int64_t>(),
       loss_mask.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
       positions.data_ptr<int64_t>() + width, position.data());

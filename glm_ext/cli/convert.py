@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,6 +20,8 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("src", metavar="SRC", help="checkpoint to read")
     parser.add_argument("dst", metavar="DST", help="directory (--to ours) or file (--to authors) to write")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing DST (by default an existing output is never overwritten)")
     parser.add_argument("--to", choices=("ours", "authors"), default="ours",
                         help="ours: model.safetensors + config.json; authors: mp_rank_00_model_states.pt "
                              "(default: ours)")
@@ -27,6 +30,9 @@ def add_parser(commands) -> None:
                                help="architecture of an authors' SRC: a preset of glm_ext.model.PRESETS "
                                     "(base, large, 410m, 515m, 2b, 10b, ...)")
     source_config.add_argument("--config", metavar="JSON", help="GLMConfig fields of an authors' SRC (a JSON file)")
+    parser.add_argument("--vocab-size", type=int, metavar="N",
+                        help="with --preset: the rows of SRC's word embedding, when not the preset's (e.g. a model "
+                             "trained with a 1024-token tokenizer)")
     tokenizer = parser.add_argument_group(
         "tokenizer", "DST (--to ours) carries the model's tokenizer as tokenizer.json, so that glm-ext generate DST "
         "runs on it; a glm_ext SRC passes on the one it carries.")
@@ -45,9 +51,24 @@ def _source_config(args: argparse.Namespace):
     from glm_ext.model import GLMConfig
 
     if args.preset:
-        return GLMConfig.preset(args.preset)
+        config = GLMConfig.preset(args.preset)
+        return dataclasses.replace(config, vocab_size=args.vocab_size) if args.vocab_size else config
     with open(args.config, encoding="utf-8") as f:
         return GLMConfig.from_dict(json.load(f))
+
+
+def _check_destination(args: argparse.Namespace) -> None:
+    """Refuses an existing DST before the (possibly long) conversion starts; the writers check again."""
+    from glm_ext.checkpoint import AUTHORS_WEIGHTS_FILE
+
+    target = Path(args.dst)
+    if args.to == "authors" and target.is_dir():
+        target = target / AUTHORS_WEIGHTS_FILE
+    if args.overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if args.to == "ours" and target.is_dir() and not any(target.iterdir()):
+        return  # an empty directory holds nothing to lose
+    raise FileExistsError(f"{target} already exists; pass --overwrite to replace it")
 
 
 def _tokenizer(args: argparse.Namespace, ours: bool):
@@ -72,11 +93,14 @@ def _tokenizer(args: argparse.Namespace, ours: bool):
 def run(args: argparse.Namespace) -> int:
     from glm_ext import checkpoint
 
+    _check_destination(args)
     ours = checkpoint.is_checkpoint(args.src)
     if ours and (args.preset or args.config):
         return error(f"{args.src} is a glm_ext checkpoint with its own config.json; drop --preset/--config", 2)
     if not ours and not (args.preset or args.config):
         return error("an authors' checkpoint needs --preset NAME or --config JSON", 2)
+    if args.vocab_size and not args.preset:
+        return error("--vocab-size goes with --preset (a --config JSON holds vocab_size itself)", 2)
     if args.tokenizer_family and not args.tokenizer_files:
         return error("--tokenizer-family needs --tokenizer-files", 2)
     if args.tokenizer_files and args.to == "authors":
@@ -89,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer_files:
         tokenizer.check_embedding_rows(model.config.vocab_size)
     if args.to == "ours":
-        written = checkpoint.save_checkpoint(model, args.dst, tokenizer=tokenizer)
+        written = checkpoint.save_checkpoint(model, args.dst, tokenizer=tokenizer, overwrite=args.overwrite)
     else:
-        written = checkpoint.save_authors_checkpoint(model, args.dst)
+        written = checkpoint.save_authors_checkpoint(model, args.dst, overwrite=args.overwrite)
     layouts = {True: "glm_ext checkpoint", False: "authors' layout"}
     parameters = sum(p.numel() for p in model.parameters())
     print(f"converted {args.src} ({layouts[ours]}) -> {written} ({layouts[args.to == 'ours']}): "

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import get_args
 
 from glm_ext.cli.common import USER_ERRORS, error
 
 
 def add_parser(commands) -> None:
     from glm_ext import demo
+    from glm_ext.model import PositionEncoding
 
     parser = commands.add_parser(
-        "demo", help="end to end: train a tiny GLM on Python's help() topics, then fill blanks",
-        description="Tokenizer, token files, a few minutes of CPU training of the tiny preset, a checkpoint, "
-        "then blank filling. Reuses what --output-dir already holds (a finished run is not trained again).",
+        "demo", help="end to end: train a small GLM on Python's documentation, then fill blanks",
+        description="Tokenizer, token files, a few minutes of CPU training, a checkpoint, then blank filling "
+        "scored by exact match on held-out sentences. Reuses what --output-dir already holds (a finished run "
+        "is not trained again).",
     )
     parser.add_argument("--output-dir", default="glm-demo", help="where everything goes (default: ./glm-demo)")
     parser.add_argument("--steps", type=int, default=demo.DEMO_STEPS, help=f"training steps (default: {demo.DEMO_STEPS})")
@@ -22,9 +25,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda")
     parser.add_argument("--vocab-size", type=int, default=demo.DEMO_VOCAB_SIZE,
                         help=f"tokenizer size (default: {demo.DEMO_VOCAB_SIZE})")
-    parser.add_argument("--position-encoding", choices=("rotary_2d", "learned_2d"),
-                        default=demo.DEMO_POSITION_ENCODING,
-                        help="2D rotary (ChatGLM's variant, learns faster; default) or the authors' learned 2D tables")
+    parser.add_argument("--position-encoding", choices=get_args(PositionEncoding),
+                        help="default: TrainConfig's (rotary_2d, ChatGLM's 2D rotary); learned_2d: the authors' "
+                             "learned 2D tables, which learn more slowly at this size")
     parser.add_argument("--retrain", action="store_true", help="train again even if --output-dir holds a run")
     parser.set_defaults(run=run)
 

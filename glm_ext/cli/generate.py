@@ -120,9 +120,10 @@ def _allow_options_before_texts(parser: argparse.ArgumentParser) -> None:
 
 
 def load_for_generation(path: str, tokenizer_path: str | None, device: str):
-    """(model in eval mode, tokenizer) from a run directory, a checkpoints/step-N directory or a checkpoint."""
+    """(model in eval mode, tokenizer) from a run directory, a checkpoints/step-N directory or a
+    checkpoint; a tokenizer other than the one the run recorded is refused."""
     from glm_ext.checkpoint import load_checkpoint
-    from glm_ext.run_dir import resolve_model_source
+    from glm_ext.run_dir import check_tokenizer, resolve_model_source
     from glm_ext.tokenizer import GLMTokenizer
     from glm_ext.training import resolve_device
 
@@ -130,8 +131,10 @@ def load_for_generation(path: str, tokenizer_path: str | None, device: str):
     tokenizer_path = tokenizer_path or default_tokenizer
     if tokenizer_path is None:
         raise FileNotFoundError(f"{path} is a bare checkpoint: pass --tokenizer")
+    tokenizer = GLMTokenizer.from_file(tokenizer_path)
+    check_tokenizer(model_dir, tokenizer.sha256, tokenizer_path)
     model = load_checkpoint(model_dir, map_location=resolve_device(device))
-    return model.eval(), GLMTokenizer.from_file(tokenizer_path)
+    return model.eval(), tokenizer
 
 
 def _one_line(text: str) -> str:

@@ -19,7 +19,8 @@ class BlankInfillingConfig:
     :meth:`glm_10b` is the released 10B mix.
 
     - ``mask_ratio``: token- and sentence-level spans cover at least ``int(mask_ratio * len)``
-      tokens of a row (at least one);
+      tokens of a row (at least one); token-level spans keep a token between each other, so
+      above 0.5 a row whose spans cannot be placed is refused with a ``ValueError`` naming it;
     - ``poisson_lambda``, ``max_span_length``: token-level span lengths are Poisson(lambda)
       restricted to ``1..max_span_length`` and renormalised;
     - ``min_document_ratio``: the document-level suffix covers a uniform share of the row between
@@ -110,8 +111,8 @@ def span_shuffle_batch(
 ) -> BlankInfillingBatch:
     """Blank-infilling rows from token rows ``[batch, length]`` (CPU or CUDA tensors; row ``i``
     is ``rows[i, :lengths[i]]``). ``special_ids`` is a :class:`glm_ext.tokenizer.SpecialIds` (or
-    anything with its fields). Rows are padded to ``output_length`` (0: the longest row). The same
-    seed gives the same batch, on every device."""
+    anything with its fields). Rows are padded to ``output_length`` (0: the longest row); an empty
+    row stays empty. The same seed gives the same batch, on every device."""
     sentence_end_ids = torch.as_tensor(sentence_end_ids, dtype=torch.int64, device=rows.device)
     tokens, targets, loss_mask, position_ids, sep, objective = ops.span_shuffle_batch(
         rows,

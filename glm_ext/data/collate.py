@@ -16,7 +16,7 @@ from glm_ext.data.blank_infilling import BlankInfillingBatch, BlankInfillingConf
 class BlankInfillingCollator:
     """A ``collate_fn`` turning token rows into :class:`BlankInfillingBatch` es of fixed width.
 
-    Rows are 1-D token sequences in the authors' format (``[CLS]`` then text; documents end with
+    Rows are 1-D integer token sequences in the authors' format (``[CLS]`` then text; documents end with
     ``<eos>``), at most :attr:`input_length` long: the longest row whose blank-infilling row always
     fits in ``max_length`` (each span adds two tokens). Every batch is ``max_length`` wide, so
     shapes stay static for ``torch.compile`` and CUDA graphs.
@@ -24,6 +24,11 @@ class BlankInfillingCollator:
     Batch ``k`` of DataLoader worker ``w`` is drawn with a seed derived from ``(seed, w, k)``:
     reproducible, and different across workers. :meth:`state_dict` / :meth:`load_state_dict`
     carry ``k`` for resumed runs.
+
+    Row ``r`` of a batch with seed ``s`` is drawn from the random stream ``(s, r)`` alone. A batch
+    split into parts (micro-batches, ranks) is drawn as one by :meth:`collate` with one seed from
+    :meth:`next_seed` and each part's ``first_row``: its row ``i`` is then drawn as row
+    ``first_row + i`` of the whole.
     """
 
     def __init__(self, tokenizer, max_length: int, *, config: BlankInfillingConfig = BlankInfillingConfig(), seed: int = 0):
@@ -39,15 +44,33 @@ class BlankInfillingCollator:
         self.batches_drawn = 0
 
     def __call__(self, rows: Sequence[Any]) -> BlankInfillingBatch:
+        return self.collate(rows, seed=self.next_seed())
+
+    def collate(self, rows: Sequence[Any], *, seed: int, first_row: int = 0) -> BlankInfillingBatch:
+        """``rows`` drawn as rows ``first_row, first_row + 1, ...`` of a batch with ``seed``."""
         if len(rows) == 0:
             raise ValueError("cannot collate an empty list of rows")
-        tensors = [torch.as_tensor(np.asarray(row), dtype=torch.int64).reshape(-1) for row in rows]
+        if first_row < 0:
+            raise ValueError(f"first_row must be non-negative, got {first_row}")
+        arrays = [np.asarray(row) for row in rows]
+        not_ids = [i for i, a in enumerate(arrays) if a.size and a.dtype.kind not in "iu"]
+        if not_ids:  # casting would truncate 3.7 to 3 without a word
+            raise TypeError(
+                f"rows must hold integer token ids; rows {not_ids[:5]} hold {arrays[not_ids[0]].dtype} values"
+            )
+        tensors = [torch.as_tensor(a, dtype=torch.int64).reshape(-1) for a in arrays]
         too_long = [i for i, t in enumerate(tensors) if len(t) > self.input_length]
         if too_long:
             raise ValueError(
                 f"rows {too_long[:5]} are longer than input_length={self.input_length} (the longest input "
                 f"whose blank-infilling row fits max_length={self.max_length}); cut rows to that length"
             )
+        # The op draws row i from stream (seed, i) but takes no row offset: rows before first_row
+        # are stand-ins (valid rows: [CLS] then [MASK]s, neither protected nor sentence ends),
+        # dropped again after the op.
+        stand_in = torch.full((self.input_length,), self.special_ids.mask, dtype=torch.int64)
+        stand_in[0] = self.special_ids.cls
+        tensors = [stand_in] * first_row + tensors
         lengths = torch.tensor([len(t) for t in tensors], dtype=torch.int64)
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=self.special_ids.pad)
         batch = span_shuffle_batch(
@@ -56,13 +79,15 @@ class BlankInfillingCollator:
             vocab_size=self.vocab_size,
             sentence_end_ids=self.sentence_end_ids,
             config=self.config,
-            seed=self._next_seed(),
+            seed=seed,
             lengths=lengths,
             output_length=self.max_length,
         )
-        return batch
+        own = (batch.tokens, batch.targets, batch.loss_mask, batch.position_ids, batch.sep)
+        return BlankInfillingBatch(*(t[first_row:] for t in own), batch.objective)
 
-    def _next_seed(self) -> int:
+    def next_seed(self) -> int:
+        """The seed of the next batch (advances :meth:`state_dict`'s batch count)."""
         worker = torch.utils.data.get_worker_info()
         worker_id = worker.id if worker is not None else 0
         seed = np.random.SeedSequence([self.seed, worker_id, self.batches_drawn]).generate_state(1, np.uint64)[0]

@@ -14,6 +14,15 @@ many documents in one file as ``.jsonl``); a ``.jsonl`` file holds one JSON obje
 text under ``text_key``; a directory contributes its ``.txt`` and ``.jsonl`` files, recursively, in
 sorted path order. Blank documents are skipped (and counted in the metadata).
 
+Memory stays bounded however long a document is: text is read and encoded in pieces of about
+``PIECE_CHARS`` characters (:func:`iter_text_pieces`; a ``.jsonl`` line is read whole first). A piece
+ends just before a space or newline that a letter, digit or underscore follows, never inside a
+word. A document's token ids are the concatenation of its pieces' encodings, which for GLM's
+byte-level BPE are exactly the ids of encoding it whole: GPT-2's pre-tokenizer, which BPE never
+merges across, splits before such a character anyway (and GLM's special tokens, split out first,
+start with ``[`` or ``<``). Only a run of more than ``MAX_PIECE_CHARS`` characters without such a
+place is cut inside (where the ids may differ).
+
 :class:`PackedRowStream` turns a token file into the authors' pretraining rows: ``[CLS]`` followed by
 the next ``row_length - 1`` tokens of the documents concatenated in a seeded shuffled order.
 """
@@ -21,14 +30,13 @@ the next ``row_length - 1`` tokens of the documents concatenated in a seeded shu
 from __future__ import annotations
 
 import array
-import contextlib
 import copy
 import dataclasses
 import itertools
 import json
 import os
-import secrets
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,10 +44,15 @@ import numpy as np
 import torch.utils.data
 
 from glm_ext.data.corpus import DEFAULT_CORPUS_NAME, default_corpus
+from glm_ext.files import staged_files
 from glm_ext.tokenizer import GLMTokenizer, SpecialIds
 
 TOKEN_FILE_VERSION = 1
 SOURCE_SUFFIXES = (".txt", ".jsonl")
+PIECE_CHARS = 1 << 16  # documents are read and encoded in pieces of about this many characters
+MAX_PIECE_CHARS = 1 << 20  # ... and cut here even inside a word, when no whitespace allows a cut sooner
+BATCH_CHARS = 1 << 20  # characters encoded at once (the tokenizer needs ~200 bytes per character)
+_CUT = re.compile(r"[ \n](?=\w)")  # a piece may start at a space or newline that a word follows
 
 StrPath = str | os.PathLike
 
@@ -65,10 +78,12 @@ def _source_files(sources: Sequence[StrPath]) -> list[Path]:
     return files
 
 
-def iter_documents(
+def iter_text_pieces(
     sources: Sequence[StrPath], *, text_key: str = "text", with_default_corpus: bool = False
-) -> Iterator[str]:
-    """The documents of ``sources`` (then of the default corpus), one at a time.
+) -> Iterator[tuple[int, str]]:
+    """``(document number, piece of its text)`` for the documents of ``sources`` (then of the default
+    corpus), in order; every document gives at least one piece (an empty one for empty text), long
+    ones several (see the module docstring).
 
     The sources are checked at once (missing files, unsupported types, empty directories); problems
     inside a file (bad JSON, a missing ``text_key``, bytes that are not UTF-8) surface when reached.
@@ -77,35 +92,88 @@ def iter_documents(
     if not files and not with_default_corpus:
         raise ValueError("sources is empty and with_default_corpus is False: there is nothing to read")
     documents = itertools.chain.from_iterable(_read_file(path, text_key) for path in files)
-    return itertools.chain(documents, default_corpus() if with_default_corpus else ())
+    if with_default_corpus:
+        documents = itertools.chain(documents, ([text] for text in default_corpus()))
+    for number, blocks in enumerate(documents):
+        for piece in _pieces(blocks):
+            yield number, piece
 
 
-def _read_file(path: Path, text_key: str) -> Iterator[str]:
-    try:
-        if path.suffix == ".jsonl":
-            yield from _read_jsonl(path, text_key)
+def _pieces(blocks: Iterable[str]) -> Iterator[str]:
+    """The text made of ``blocks`` in pieces cut where encoding may be split (module docstring): as
+    long as possible up to ``PIECE_CHARS`` characters, else as short as possible up to ``MAX_PIECE_CHARS``."""
+    size, max_size = PIECE_CHARS, MAX_PIECE_CHARS
+    buffer, done = "", False
+    for block in itertools.chain(blocks, [None]):
+        if block is None:
+            done = True
         else:
-            with open(path, encoding="utf-8", newline="") as file:  # newline="": keep the text exact
-                yield file.read()
+            buffer += block
+        while len(buffer) > size + 1:
+            cut = _last_cut(buffer, size)
+            if not cut:
+                found = _CUT.search(buffer, size, max_size + 2)  # the first cut after size, up to max_size
+                cut = found.start() if found else 0
+            if not cut:
+                if len(buffer) < max_size + 2 and not done:
+                    break  # read on: a cut may follow
+                if len(buffer) <= max_size:
+                    break  # the end of the text: what is left is the last piece
+                cut = max_size
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    yield buffer
+
+
+def _last_cut(text: str, limit: int) -> int:
+    """The last place ``1 <= i <= limit`` where a piece may start (``_CUT``; needs
+    ``len(text) >= limit + 2``), or 0 when there is none."""
+    i = limit
+    while i >= 1:
+        i = max(text.rfind(" ", 1, i + 1), text.rfind("\n", 1, i + 1))
+        if i < 1:
+            return 0
+        if _CUT.match(text, i):
+            return i
+        i -= 1
+    return 0
+
+
+def _read_file(path: Path, text_key: str) -> Iterator[Iterable[str]]:
+    """The documents of one source file, each as the consecutive blocks of its text."""
+    if path.suffix == ".jsonl":
+        yield from ([text] for text in _read_jsonl(path, text_key))
+    else:
+        yield _read_text(path)
+
+
+def _read_text(path: Path) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8", newline="") as file:  # newline="": keep the text exact
+            while block := file.read(PIECE_CHARS):
+                yield block
     except UnicodeDecodeError as error:
         raise ValueError(f"source {str(path)!r} is not UTF-8 text ({error})") from error
 
 
 def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-            if not isinstance(record, dict) or text_key not in record:
-                raise ValueError(f"{where}: no {text_key!r} field (text_key) in this line")
-            if not isinstance(record[text_key], str):
-                raise ValueError(f"{where}: the {text_key!r} field is not a string")
-            yield record[text_key]
+    try:
+        with open(path, encoding="utf-8") as file:
+            for line_number, line in enumerate(file, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+                if not isinstance(record, dict) or text_key not in record:
+                    raise ValueError(f"{where}: no {text_key!r} field (text_key) in this line")
+                if not isinstance(record[text_key], str):
+                    raise ValueError(f"{where}: the {text_key!r} field is not a string")
+                yield record[text_key]
+    except UnicodeDecodeError as error:
+        raise ValueError(f"source {str(path)!r} is not UTF-8 text ({error})") from error
 
 
 # ----- writing a token file -----------------------------------------------------------------------
@@ -130,28 +198,32 @@ def prepare_token_file(
     text_key: str = "text",
     with_default_corpus: bool = False,
     batch_size: int = 512,
+    progress: Callable[[int], None] | None = None,
 ) -> TokenFile:
     """Tokenise ``sources`` (and the default corpus) into the token file at prefix ``output``.
 
-    Documents are read and encoded ``batch_size`` at a time, so memory stays bounded however large the
-    input is. All three files appear at once or not at all: they are written as temporary siblings and
-    moved into place only after everything succeeded (an older token file stays intact otherwise).
+    Text is read and encoded in pieces (at most ``batch_size`` pieces and about ``BATCH_CHARS``
+    characters at a time), so memory stays bounded however large the input or any one document is
+    (module docstring). All three files appear at once or not at all
+    (:func:`glm_ext.files.staged_files`; an older token file stays intact otherwise). ``progress``
+    is called with the number of characters encoded, batch by batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    documents = iter_documents(sources, text_key=text_key, with_default_corpus=with_default_corpus)
-    names = [os.fspath(s) for s in sources] + ([DEFAULT_CORPUS_NAME] if with_default_corpus else [])
     paths = token_file_paths(output)
+    pieces = iter_text_pieces(sources, text_key=text_key, with_default_corpus=with_default_corpus)
+    names = [os.fspath(s) for s in sources] + ([DEFAULT_CORPUS_NAME] if with_default_corpus else [])
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    with _atomic_outputs(paths) as (bin_temp, idx_temp, meta_temp):
+    # The metadata goes last, and TokenFile checks the counts it records against the other two files,
+    # so a crash between the renames is caught (the counts disagree) rather than read as data.
+    with staged_files(paths) as (bin_temp, idx_temp, meta_temp):
         with open(bin_temp, "wb") as out:
-            offsets, skipped = _write_tokens(documents, tokenizer, out, dtype, batch_size)
+            offsets, skipped = _write_tokens(pieces, tokenizer, out, dtype, batch_size, progress)
         if len(offsets) == 1:
             raise ValueError(f"sources {names} hold no non-blank documents")
         with open(idx_temp, "wb") as out:
             np.save(out, np.frombuffer(offsets, dtype=np.int64))
-            _sync(out)
         metadata = {
             "format": "glm_ext token file",
             "version": TOKEN_FILE_VERSION,
@@ -168,62 +240,71 @@ def prepare_token_file(
         }
         with open(meta_temp, "w", encoding="utf-8") as out:
             json.dump(metadata, out, indent=2)
-            _sync(out)
     return TokenFile(output)
 
 
 def _write_tokens(
-    documents: Iterable[str], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int
+    pieces: Iterable[tuple[int, str]], tokenizer: GLMTokenizer, out: BinaryIO, dtype: np.dtype, batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[array.array, int]:
     """Write each non-blank document's tokens and ``<eos>``; return the boundaries and the blank count.
 
-    The boundaries are kept as packed int64 (8 bytes a document), the only thing that grows with the input.
+    The boundaries are kept as packed int64 (8 bytes a document), the only thing that grows with the
+    input. A document turns out blank only at its end: its tokens are then cut off the file again.
     """
-    eos = tokenizer.special_ids.eos
     offsets, skipped = array.array("q", [0]), 0
-    for batch in _batches(documents, batch_size):
-        kept = [text for text in batch if text.strip()]
-        skipped += len(batch) - len(kept)
-        for ids in tokenizer.encode_batch(kept):
-            ids.append(eos)
+    written, document, has_text = 0, None, False
+
+    def end_document() -> None:
+        nonlocal written, skipped
+        if has_text:
+            np.asarray([tokenizer.special_ids.eos], dtype=dtype).tofile(out)
+            written += 1
+            offsets.append(written)
+        else:
+            skipped += 1
+            written = offsets[-1]
+            out.seek(written * dtype.itemsize)
+            out.truncate()
+
+    for batch in _batches(pieces, batch_size, BATCH_CHARS):
+        for (number, piece), ids in zip(batch, tokenizer.encode_batch([piece for _, piece in batch])):
+            if number != document:
+                if document is not None:
+                    end_document()
+                document, has_text = number, False
+            has_text = has_text or bool(piece.strip())
             np.asarray(ids, dtype=dtype).tofile(out)
-            offsets.append(offsets[-1] + len(ids))
-    _sync(out)
+            written += len(ids)
+        if progress is not None:
+            progress(sum(len(piece) for _, piece in batch))
+    if document is not None:
+        end_document()
     return offsets, skipped
 
 
-def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while batch := list(itertools.islice(iterator, size)):
+def _batches(pieces: Iterable[tuple[int, str]], size: int, max_chars: int) -> Iterator[list[tuple[int, str]]]:
+    """Consecutive runs of at most ``size`` pieces and (unless one piece is longer) ``max_chars`` characters."""
+    batch, chars = [], 0
+    for item in pieces:
+        if batch and chars + len(item[1]) > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(item)
+        chars += len(item[1])
+        if len(batch) == size:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
-def _sync(file: Any) -> None:
-    """Flush to disk before the rename, so a crash cannot leave a renamed but empty file."""
-    file.flush()
-    os.fsync(file.fileno())
-
-
-@contextlib.contextmanager
-def _atomic_outputs(paths: Sequence[Path]) -> Iterator[list[Path]]:
-    """Temporary siblings of ``paths``, moved onto them if the block succeeds and deleted if it fails.
-
-    The metadata goes last, and :class:`TokenFile` checks the counts it records against the other two
-    files, so a crash between the renames is caught (the counts disagree) rather than read as data.
-    """
-    tag = secrets.token_hex(8)  # a fresh name per writer; the files are created with the umask's mode
-    temps = [path.with_name(f".{path.name}.{tag}.tmp") for path in paths]
-    try:
-        yield temps
-        for temp, path in zip(temps, paths):
-            os.replace(temp, path)
-    finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-
-
 def _prefix(path: StrPath) -> Path:
-    """A token file's prefix; naming its ``.bin`` file works too."""
+    """A token file's prefix; naming its ``.bin`` file works too. A directory is refused: the files
+    would land beside it (``o/`` would give ``o.bin``)."""
+    if os.fspath(path).endswith((os.sep, "/")) or Path(path).is_dir():
+        raise ValueError(f"token file prefix {os.fspath(path)!r} is a directory; name the files inside it, "
+                         f"e.g. {os.path.join(os.fspath(path), 'tokens')!r}")
     path = Path(path)
     return path.with_suffix("") if path.suffix == ".bin" else path
 
@@ -243,15 +324,24 @@ class TokenFile:
         for part in (meta_path, bin_path, idx_path):
             if not part.is_file():
                 raise FileNotFoundError(f"token file {str(self.path)!r}: {str(part)!r} does not exist")
-        self.metadata: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.metadata.get("version") != TOKEN_FILE_VERSION:
-            raise ValueError(f"token file {str(self.path)!r}: unsupported version {self.metadata.get('version')!r}")
-        self.tokens = np.memmap(bin_path, dtype=self.metadata["dtype"], mode="r")
-        self.offsets: np.ndarray = np.load(idx_path)
+        self.metadata: dict[str, Any] = _read_metadata(meta_path)
         self.special_ids = SpecialIds(**self.metadata["special_ids"])
+        damaged = "is damaged ({}); write the token file again with glm-ext prepare-data"
+        try:
+            self.tokens = np.memmap(bin_path, dtype=self.metadata["dtype"], mode="r")
+        except ValueError as error:  # a size that is not a whole number of tokens, or empty
+            raise ValueError(f"{bin_path} " + damaged.format(error)) from error
+        try:
+            self.offsets: np.ndarray = np.load(idx_path)
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{idx_path} " + damaged.format(error)) from error
+        if self.offsets.dtype != np.int64 or self.offsets.ndim != 1 or len(self.offsets) < 2:
+            raise ValueError(f"{idx_path} " + damaged.format(f"{self.offsets.dtype} {list(self.offsets.shape)}, "
+                                                             "expected int64 [num_documents + 1]"))
         self._check_consistent()
 
     def _check_consistent(self) -> None:
+        """The three files agree (catches a crash between the renames of a rewrite)."""
         counts = (len(self.offsets) - 1, len(self.tokens), int(self.offsets[0]), int(self.offsets[-1]))
         expected = (self.metadata["num_documents"], self.metadata["num_tokens"], 0, self.metadata["num_tokens"])
         if counts != expected or np.any(np.diff(self.offsets) <= 0):
@@ -276,6 +366,36 @@ class TokenFile:
         if not 0 <= index < len(self):
             raise IndexError(f"document index {index} out of range for {len(self)} documents")
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
+
+
+def _read_metadata(path: Path) -> dict[str, Any]:
+    """A token file's metadata, checked for the fields and types that reading relies on."""
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # not UTF-8, not JSON
+        raise ValueError(
+            f"{path} is damaged (not JSON: {error}); write the token file again with glm-ext prepare-data"
+        ) from error
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object); write the token file again with glm-ext prepare-data")
+    if metadata.get("version") != TOKEN_FILE_VERSION:
+        raise ValueError(f"{path}: unsupported token file version {metadata.get('version')!r}")
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    special = metadata.get("special_ids")
+    problems = [name for name, ok in (
+        ("dtype", metadata.get("dtype") in ("uint16", "uint32")),
+        ("num_documents", count(metadata.get("num_documents"))),
+        ("num_tokens", count(metadata.get("num_tokens"))),
+        ("special_ids", isinstance(special, dict)
+         and set(special) == {f.name for f in dataclasses.fields(SpecialIds)} and all(map(count, special.values()))),
+    ) if not ok]
+    if problems:
+        raise ValueError(f"{path} is damaged (missing or invalid: {', '.join(problems)}); "
+                         "write the token file again with glm-ext prepare-data")
+    return metadata
 
 
 # ----- streaming packed rows ----------------------------------------------------------------------

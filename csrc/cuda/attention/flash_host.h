@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <utility>
@@ -93,9 +94,11 @@ inline void set_gradients(BackwardParams& p, const at::Tensor& grad_q, const at:
 }
 
 // The grid bounds of the query and key lengths: max_seqlen when given, else the token totals.
+// A max_seqlen above the total is clamped to it (no sample is longer): a grid sized by a huge
+// value would overflow its 32-bit block count and leave outputs unwritten.
 inline std::pair<int64_t, int64_t> length_bounds(const MixedMaskAttentionArgs& args) {
-  return {args.max_seqlen_q > 0 ? args.max_seqlen_q : args.seq_q,
-          args.max_seqlen_k > 0 ? args.max_seqlen_k : args.seq_k};
+  auto bound = [](int64_t max_seqlen, int64_t total) { return max_seqlen > 0 ? std::min(max_seqlen, total) : total; };
+  return {bound(args.max_seqlen_q, args.seq_q), bound(args.max_seqlen_k, args.seq_k)};
 }
 
 // Calls f.template operator()<T, D>() for the element type and head dimension of args, which

@@ -297,9 +297,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = GLMTokenizer.train(TOKENIZER_TEXTS, 400)
     special = tokenizer.special_ids
     env = environment_info(device)
+    resolved = model.backends(device, dtype)
+    attention = f"{model.attention_backend} -> {resolved.attention} ({resolved.reason}; rows of different " \
+                "lengths in the cache: sdpa)"
     load_before = load_average()
     print(f"GLM {preset} ({config}) on {env['device_name']} ({device}), {str(dtype).removeprefix('torch.')}, "
-          f"context {context}, batches {args.batches}, attention backend {model.attention_backend}; "
+          f"context {context}, batches {args.batches}, attention {attention}; "
           f"load average {load_before}", flush=True)
 
     rows_out: list[dict[str, Any]] = []
@@ -334,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": {**env, "load_average_before": load_before, "load_average_after": load_average()},
         "config": {
             "preset": preset, "model_config": config.to_dict(), "context": context, "batches": args.batches,
-            "dtype": str(dtype).removeprefix("torch."), "attention_backend": model.attention_backend,
+            "dtype": str(dtype).removeprefix("torch."), "attention_backend": attention,
             "steps": args.steps, "rounds": args.rounds, "seed": args.seed,
             "decoding": "greedy, one token per row per step after a prefill of context + <sop> (not timed)",
             "timing": "time.perf_counter per decode run (all its steps; device synchronised), in rounds "

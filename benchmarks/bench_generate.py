@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from benchmarks.common import default_device, environment_info, print_table, select_device, write_results
 from glm_ext import reference
 from glm_ext.generation import fill_blanks
-from glm_ext.model import PRESETS, GLMConfig, GLMModel, KVCache
+from glm_ext.model import ATTENTION_BACKENDS, PRESETS, GLMConfig, GLMModel, KVCache
 from glm_ext.tokenizer import GLMTokenizer
 
 GOAL_CACHE_VS_AUTHORS = {"cpu": 3.0, "cuda": 5.0}
@@ -258,6 +258,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="weights (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default: benchmarks/results/generate_<device-kind>.json)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                   help="the model's attention backend (default: the model's default)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: torch's; 1 is steadier on a loaded machine)")
     p.add_argument("--seed", type=int, default=0)
@@ -294,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     config = GLMConfig.preset(preset, max_sequence_length=max(PRESETS[preset]["max_sequence_length"], context))
     model = GLMModel(config).to(device=device, dtype=dtype).eval()
+    if args.attention:
+        model.attention_backend = args.attention
     tokenizer = GLMTokenizer.train(TOKENIZER_TEXTS, 400)
     special = tokenizer.special_ids
     env = environment_info(device)

@@ -15,7 +15,9 @@ steps / time). Methods:
 * ``fill_blanks``: the API end to end with the cache (prefill, sampling bookkeeping and results
   included; ``decode_tokens_per_s`` subtracts the ``cache`` method's prefill time).
 
-The greedy tokens of the three model-level methods are compared (``tokens_match``).
+The greedy tokens of the three model-level methods are compared (``tokens_match``). Timed runs go
+in rounds that run every method at every batch size once (medians over the rounds), so that the
+load changes of a shared machine hit all figures alike.
 
 Goals (CPU): ``cache`` at least 3x ``authors_mems`` at batch 1 (5x on a GPU), and ``cache`` at
 batch 32 at least 8x the tokens/s of batch 1. The machine's load average is recorded before and
@@ -189,14 +191,14 @@ def seconds_of(run: Callable[[], Any], device: torch.device) -> tuple[float, Any
     return time.perf_counter() - start, result
 
 
-def measure_batch(model, tokenizer, rows, batch: int, args, device) -> list[dict[str, Any]]:
-    """Times every method on ``rows`` in rounds, each round running each method once (so that a
-    change of a shared machine's load hits all of them alike); medians over the rounds."""
+def prepare_runs(model, tokenizer, rows, batch: int, args) -> dict[str, tuple[int, Callable[[], Any]]]:
+    """Method -> (decode steps, one timed run) at one batch size; the prefills are done here, once,
+    and every decode method is warmed up by one step. ``prefill`` times the cache method's prefill."""
     runs: dict[str, tuple[int, Callable[[], Any]]] = {}
     for method, (prefill, decode) in METHODS.items():
         steps = steps_for(method, batch, args)
         state = prefill(model, rows, steps) if prefill is not None else None
-        decode(model, rows, state, 1)  # warm-up
+        decode(model, rows, state, 1)
         runs[method] = (steps, functools.partial(decode, model, rows, state, steps))
     ids = rows[0][:, :-1].remainder(tokenizer.vocab_size - 10).add(10).tolist()  # ids the tokenizer knows
     for row in ids:
@@ -204,33 +206,39 @@ def measure_batch(model, tokenizer, rows, batch: int, args, device) -> list[dict
     runs["fill_blanks"] = (args.steps, lambda: fill_blanks(model, tokenizer, ids, max_new_tokens=args.steps,
                                                            min_new_tokens=args.steps))
     runs["prefill"] = (0, lambda: cache_prefill(model, rows, 1))
+    return runs
 
-    seconds: dict[str, list[float]] = {method: [] for method in runs}
-    tokens: dict[str, torch.Tensor] = {}
+
+def measure(runs: dict[tuple[int, str], tuple[int, Callable[[], Any]]], args, device) -> list[dict[str, Any]]:
+    """Times every (batch, method) run in rounds, each round running each of them once (so that a
+    change of a shared machine's load hits all of them alike); medians over the rounds."""
+    seconds: dict[tuple[int, str], list[float]] = {key: [] for key in runs}
+    tokens: dict[tuple[int, str], torch.Tensor] = {}
     for round_index in range(args.rounds):
-        for method, (_, run) in runs.items():
+        for key, (_, run) in runs.items():
             elapsed, result = seconds_of(run, device)
-            seconds[method].append(elapsed)
-            if round_index == 0 and method in METHODS:
-                tokens[method] = result.cpu()
-        print(f"  batch {batch:3d} round {round_index + 1}: "
-              + ", ".join(f"{m} {s[-1]:.1f} s" for m, s in seconds.items()), flush=True)
-    shortest = min(t.shape[1] for t in tokens.values())
-    match = all(torch.equal(t[:, :shortest], tokens["cache"][:, :shortest]) for t in tokens.values())
+            seconds[key].append(elapsed)
+            if round_index == 0 and key[1] in METHODS:
+                tokens[key] = result.cpu()
+        print(f"  round {round_index + 1}: "
+              + ", ".join(f"{method} ({batch}) {s[-1]:.1f} s" for (batch, method), s in seconds.items()), flush=True)
 
-    median = {method: statistics.median(values) for method, values in seconds.items()}
+    median = {key: statistics.median(values) for key, values in seconds.items()}
     results = []
-    for method, (steps, _) in runs.items():
+    for (batch, method), (steps, _) in runs.items():
         if method == "prefill":
             continue
         row = {"method": method, "batch": batch, "steps": steps, "rounds": args.rounds,
-               "run_seconds": seconds[method], "step_ms": median[method] / steps * 1e3,
-               "tokens_per_s": batch * steps / median[method]}
+               "run_seconds": seconds[(batch, method)], "step_ms": median[(batch, method)] / steps * 1e3,
+               "tokens_per_s": batch * steps / median[(batch, method)]}
         if method in METHODS:
-            row["tokens_match"] = match
+            batch_tokens = [t for (b, _), t in tokens.items() if b == batch]
+            shortest = min(t.shape[1] for t in batch_tokens)
+            row["tokens_match"] = all(torch.equal(t[:, :shortest], batch_tokens[0][:, :shortest]) for t in batch_tokens)
         else:  # fill_blanks: end to end; decoding alone = minus the cache method's prefill
-            row["prefill_seconds"] = median["prefill"]
-            row["decode_tokens_per_s"] = batch * steps / max(median[method] - median["prefill"], 1e-9)
+            prefill = median[(batch, "prefill")]
+            row["prefill_seconds"] = prefill
+            row["decode_tokens_per_s"] = batch * steps / max(median[(batch, method)] - prefill, 1e-9)
         results.append(row)
     return results
 
@@ -309,12 +317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"context {context}, batches {args.batches}, attention {attention}; "
           f"load average {load_before}", flush=True)
 
-    rows_out: list[dict[str, Any]] = []
     with torch.no_grad():
+        runs = {}
         for batch in args.batches:
             rows = make_rows(config, batch, context, special.gmask, special.sop, config.vocab_size, device,
                              torch.Generator().manual_seed(args.seed + batch))
-            rows_out += measure_batch(model, tokenizer, rows, batch, args, device)
+            runs.update({(batch, method): run for method, run in prepare_runs(model, tokenizer, rows, batch,
+                                                                              args).items()})
+        rows_out = measure(runs, args, device)
 
     by_key = {(r["method"], r["batch"]): r for r in rows_out}
     for row in rows_out:
@@ -345,7 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "steps": args.steps, "rounds": args.rounds, "seed": args.seed,
             "decoding": "greedy, one token per row per step after a prefill of context + <sop> (not timed)",
             "timing": "time.perf_counter per decode run (all its steps; device synchronised), in rounds "
-                      "that run every method once, median over the rounds; caches not flushed",
+                      "that run every method at every batch size once, median over the rounds; caches not "
+                      "flushed",
             "methods": {"cache": "glm_ext KVCache", "recompute": "whole sequence every step",
                         "authors_mems": "hidden states cached, LayerNorm + QKV of all of them every step",
                         "fill_blanks": "API end to end with the cache; decode_tokens_per_s subtracts the prefill"},

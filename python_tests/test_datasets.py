@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from glm_ext.cli import main
 from glm_ext.data.corpus import default_corpus
 from glm_ext.data import datasets
-from glm_ext.data.datasets import PackedRowStream, TokenFile, prepare_token_file, token_dtype, token_file_paths
+from glm_ext.data.datasets import (
+    PackedRowStream, TokenFile, prepare_token_file, token_dtype, token_file_paths, token_file_tokenizer_path)
 from glm_ext.tokenizer import GLMTokenizer
 
 DOCUMENTS = [
@@ -328,6 +329,9 @@ def test_cli_trains_a_tokenizer_and_writes_a_token_file(tmp_path, capsys):
                  "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     tokenizer = GLMTokenizer.from_file(tmp_path / "out" / "tokens.tokenizer.json")
+    # where glm-ext train looks for it, whether it is given the prefix or the .bin file
+    assert token_file_tokenizer_path(output) == token_file_tokenizer_path(f"{output}.bin") == \
+        tmp_path / "out" / "tokens.tokenizer.json"
     token_file = TokenFile(output)
     assert f"{len(token_file)} documents" in printed and "tokens/s" in printed
     assert tokenizer.vocab_size == 400 and token_file.metadata["tokenizer_sha256"] == tokenizer.sha256

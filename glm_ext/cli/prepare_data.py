@@ -28,7 +28,8 @@ def add_parser(commands) -> None:
 
 @reports_errors
 def run(args: argparse.Namespace) -> int:
-    from glm_ext.data.datasets import iter_text_pieces, prepare_token_file, token_file_paths
+    from glm_ext.data.datasets import (
+        iter_text_pieces, prepare_token_file, token_file_paths, token_file_tokenizer_path)
     from glm_ext.progress import Progress
     from glm_ext.tokenizer import GLMTokenizer
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{len(token_file)} documents, {token_file.num_tokens:,} tokens in {seconds:.1f} s "
           f"({token_file.num_tokens / seconds:,.0f} tokens/s) -> {', '.join(map(str, paths))}")
     if args.train_tokenizer:  # saved last, so that a failure leaves no tokenizer without its token file
-        tokenizer_path = paths[0].with_suffix(".tokenizer.json")
+        tokenizer_path = token_file_tokenizer_path(args.output)
         tokenizer.save(tokenizer_path)
         print(f"tokenizer -> {tokenizer_path}")
     return 0

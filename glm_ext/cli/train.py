@@ -53,6 +53,7 @@ def add_parser(commands) -> None:
 
 @reports_errors
 def run(args: argparse.Namespace) -> int:
+    from glm_ext.data.datasets import token_file_tokenizer_path
     from glm_ext.devices import resolve_device
     from glm_ext.distributed import close_distributed, init_distributed
     from glm_ext.training import TrainConfig
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     values = read_config_file(args.config) if args.config else {}
     values.update(option_values(args, TrainConfig))
     if "train_data" in values:
-        values.setdefault("tokenizer", f"{values['train_data']}.tokenizer.json")
+        values.setdefault("tokenizer", str(token_file_tokenizer_path(values["train_data"])))
     missing = [f.name for f in dataclasses.fields(TrainConfig)
                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in values]
     if missing:

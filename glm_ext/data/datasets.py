@@ -7,7 +7,8 @@ A token file is three siblings sharing a prefix (``glm-ext prepare-data`` writes
 - ``<prefix>.idx.npy``: ``int64`` document boundaries, ``num_documents + 1`` of them, so document
   ``i`` is ``bin[idx[i]:idx[i + 1]]``;
 - ``<prefix>.json``: metadata (dtype, counts, vocabulary sizes, special ids, the tokenizer's
-  fingerprint, the sources).
+  fingerprint, the sources);
+- ``<prefix>.tokenizer.json`` (only when ``prepare-data`` trained the tokenizer): that tokenizer.
 
 Sources: a ``.txt`` file is one document (its exact text: a file is an article, not a paragraph; put
 many documents in one file as ``.jsonl``); a ``.jsonl`` file holds one JSON object per line with the
@@ -183,6 +184,12 @@ def token_file_paths(prefix: StrPath) -> tuple[Path, Path, Path]:
     """The ``.bin``, ``.idx.npy`` and ``.json`` files of the token file at ``prefix``."""
     base = os.fspath(_prefix(prefix))
     return Path(base + ".bin"), Path(base + ".idx.npy"), Path(base + ".json")
+
+
+def token_file_tokenizer_path(prefix: StrPath) -> Path:
+    """Where ``glm-ext prepare-data --train-tokenizer`` saves the tokenizer of the token file at ``prefix``
+    (``<prefix>.tokenizer.json``), and where ``glm-ext train`` looks for it by default."""
+    return Path(os.fspath(_prefix(prefix)) + ".tokenizer.json")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -4,11 +4,15 @@ A run directory (``TrainConfig.output_dir``, what ``glm-ext generate/plot RUN_DI
 
     train.lock                        locked (flock) by the trainer at work, holds its pid
     train_config.json                 the configuration of the run (TrainConfig)
+    finetune_config.json              a finetuning run's task settings (glm_ext.tasks.finetune)
     tokenizer.json                    a copy of the tokenizer the run was trained with
     metrics.jsonl                     one JSON object per logged step (glm_ext.metrics)
     loss.png                          the curves of metrics.jsonl (glm-ext plot; train writes it at the end)
     tensorboard/                      TensorBoard event files (with TrainConfig.tensorboard)
     latest                            the name of the newest complete checkpoint
+    best/                             a finetuning run's model at its best held-out value: a checkpoint
+                                      (glm_ext.checkpoint format, with tokenizer.json; the manifest's
+                                      metadata names the metric, its value and the step)
     checkpoints/step-00000400/
         model/                        glm_ext.checkpoint format (model.safetensors, config.json,
                                       manifest.json with the tokenizer's SHA-256 as metadata)
@@ -45,7 +49,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,9 +72,14 @@ from glm_ext.files import (
 )
 from glm_ext.model import GLMConfig, GLMModel
 
+if TYPE_CHECKING:
+    from glm_ext.tokenizer import GLMTokenizer
+
 __all__ = [
     "CHECKPOINTS_DIR",
+    "BEST_DIR",
     "CONFIG_FILE",
+    "FINETUNE_CONFIG_FILE",
     "LATEST_FILE",
     "LOCK_FILE",
     "LOSS_PLOT_FILE",
@@ -89,6 +98,8 @@ __all__ = [
 ]
 
 CONFIG_FILE = "train_config.json"
+FINETUNE_CONFIG_FILE = "finetune_config.json"
+BEST_DIR = "best"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -99,7 +110,7 @@ MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
-RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE)  # written atomically in the root
+RUN_FILES = (CONFIG_FILE, FINETUNE_CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE, BEST_DIR)  # atomic, in the root
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
@@ -151,6 +162,10 @@ class RunDirectory:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD_DIR
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / BEST_DIR
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -272,6 +287,14 @@ class RunDirectory:
             torch.save(trainer_state, out)
         optimizer = sorted(str(p.relative_to(staging)) for p in (staging / OPTIMIZER_DIR).rglob("*") if p.is_file())
         write_manifest(staging, [STATE_FILE, *optimizer])
+
+    def save_best(self, weights: dict[str, torch.Tensor], config: GLMConfig, tokenizer: GLMTokenizer,
+                  metadata: dict[str, Any]) -> None:
+        """Replaces ``best/`` atomically with the model (``weights`` of a ``config`` model), its
+        ``tokenizer`` and ``metadata`` (the metric, its value and the step) in the manifest."""
+        with self.lock():
+            save_checkpoint(weights, self.best_dir, config=config, tokenizer=tokenizer, overwrite=True,
+                            metadata=metadata)
 
     def _point_latest_at(self, checkpoint: Path) -> None:
         if self.latest_file.is_dir() and not self.latest_file.is_symlink():

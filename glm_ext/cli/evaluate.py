@@ -1,21 +1,27 @@
-"""``glm-ext evaluate cloze|lm|harness``: evaluate a trained GLM (GLM_SPEC section 6).
+"""``glm-ext evaluate cloze|seq2seq|lm|harness``: evaluate a trained GLM (GLM_SPEC section 6).
 
 * ``cloze MODEL --task boolq|cb|copa|rte|wic|wsc|multirc|record|custom --data FILE.jsonl``: scores
   the candidates of every record (:mod:`glm_ext.tasks.cloze`), prints the task's metrics;
   ``--predictions FILE`` writes one JSON line per example (``source``, ``prediction``, ``label``,
   ``scores``).
+* ``seq2seq MODEL --data FILE``: decodes every source's target with beam search (the task's settings
+  of the authors, or the flags) and prints ROUGE-1/2/L against the references
+  (:func:`glm_ext.tasks.seq2seq.evaluate_seq2seq`); on a finetuning run (or its ``best/`` or a
+  checkpoint of it) the task, lengths and mask token default to the run's;
+  ``--predictions FILE`` writes one JSON line per example (``source``, ``prediction``, ``target``).
 * ``lm MODEL --data FILE [--mode bidirectional|unidirectional]``: perplexity with overlapping
   windows, and (for ``.jsonl`` files, one text per record) LAMBADA-style last-word accuracy
   (:mod:`glm_ext.tasks.language_model`).
 * ``harness MODEL [lm-eval flags]``: runs lm-evaluation-harness with the model (:mod:`glm_ext.harness`).
 
 MODEL is a run directory, a ``checkpoints/step-N`` directory or a checkpoint (then with
-``--tokenizer``). ``--output FILE`` writes the results as JSON (cloze and lm).
+``--tokenizer``). ``--output FILE`` writes the results as JSON (cloze, seq2seq and lm).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -37,6 +43,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def add_parser(commands) -> None:
     from glm_ext.tasks import CLOZE_TASK_NAMES
     from glm_ext.tasks.language_model import MODES
+    from glm_ext.tasks.seq2seq import MASK_TOKENS
+    from glm_ext.tasks.seq2seq_data import SEQ2SEQ_TASKS, XSUM_SPLITS
     from glm_ext.tasks.superglue import DEFAULT_PATTERNS
 
     parser = commands.add_parser(
@@ -44,7 +52,7 @@ def add_parser(commands) -> None:
         description="Evaluates a trained GLM (GLM_SPEC 6): classification as cloze (SuperGLUE or custom "
         "patterns), perplexity and LAMBADA-style last-word accuracy, or lm-evaluation-harness tasks.",
     )
-    modes = parser.add_subparsers(dest="evaluation", required=True, metavar="{cloze,lm,harness}")
+    modes = parser.add_subparsers(dest="evaluation", required=True, metavar="{cloze,seq2seq,lm,harness}")
 
     cloze = modes.add_parser("cloze", help="classification as cloze (SuperGLUE tasks or a custom pattern)")
     _common(cloze)
@@ -67,6 +75,23 @@ def add_parser(commands) -> None:
     cloze.add_argument("--predictions", metavar="FILE", help="write one JSON line per example")
     cloze.set_defaults(run=run_cloze)
 
+    seq2seq = modes.add_parser("seq2seq", help="beam-search decoding scored by ROUGE (summaries, questions)")
+    _common(seq2seq)
+    seq2seq.add_argument("--data", required=True, metavar="FILE",
+                         help=".jsonl, .source (with .target) or .json (SQuAD, XSum's split file), as finetune reads")
+    seq2seq.add_argument("--task", choices=tuple(SEQ2SEQ_TASKS),
+                         help="the layout, lengths, cleaning and decoding of the authors' task (default: the "
+                              "finetuning run's, else summarization)")
+    seq2seq.add_argument("--split", choices=XSUM_SPLITS, default="test", help="XSum's split file: the part to read")
+    seq2seq.add_argument("--source-length", type=int, help="tokens of Part A (default: the run's, else the task's)")
+    seq2seq.add_argument("--target-length", type=int,
+                         help="target tokens (default: the run's, else the task's): at most this many are decoded")
+    seq2seq.add_argument("--mask-token", choices=MASK_TOKENS, help="(default: the run's, else [MASK])")
+    seq2seq.add_argument("--batch-size", type=int, default=8, help="sources decoded together (default: 8)")
+    seq2seq.add_argument("--predictions", metavar="FILE", help="write one JSON line per example")
+    add_decoding_options(seq2seq.add_argument_group("decoding (default: the task's beam search)"))
+    seq2seq.set_defaults(run=run_seq2seq)
+
     lm = modes.add_parser("lm", help="perplexity and LAMBADA-style last-word accuracy")
     _common(lm)
     lm.add_argument("--data", required=True, metavar="FILE",
@@ -88,6 +113,40 @@ def add_parser(commands) -> None:
     harness.add_argument("model", metavar="MODEL", help="a run directory, a checkpoints/step-N directory or a checkpoint")
     harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS")
     harness.set_defaults(run=run_harness)
+
+
+#: Decoding flags -> GenerationConfig fields (add_decoding_options).
+DECODING_OPTIONS = ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_new_tokens", "max_new_tokens",
+                    "early_stopping")
+
+
+def add_decoding_options(group) -> None:
+    """The beam-search flags of ``evaluate seq2seq`` and ``finetune seq2seq --dev-decode``; unset
+    ones keep the task's settings (:meth:`glm_ext.tasks.seq2seq.Seq2SeqLayout.decoding`)."""
+    group.add_argument("--preset", metavar="NAME", help="a decoding preset of glm_ext.generation.GENERATION_PRESETS "
+                       "(cnn_dailymail: the authors' CNN/DailyMail beam search); the flags below override it")
+    group.add_argument("--num-beams", type=int, help="beams (1: greedy)")
+    group.add_argument("--length-penalty", type=float, help="beam scores are divided by length ** this")
+    group.add_argument("--no-repeat-ngram-size", type=int, help="no n-gram of this size twice in a target (0: off)")
+    group.add_argument("--min-new-tokens", type=int, help="<eop> is not chosen before this many tokens")
+    group.add_argument("--max-new-tokens", type=int, help="at most this many tokens (default: the target length)")
+    group.add_argument("--early-stopping", action=argparse.BooleanOptionalAction,
+                       help="end a beam search once num_beams hypotheses are done")
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict:
+    """The GenerationConfig fields the decoding flags (and ``--preset``) set."""
+    settings = {}
+    if args.preset is not None:
+        from glm_ext.generation import GENERATION_PRESETS
+
+        if args.preset not in GENERATION_PRESETS:
+            raise ValueError(f"--preset: unknown decoding preset {args.preset!r}; choose one of "
+                             f"{', '.join(GENERATION_PRESETS)}")
+        preset = GENERATION_PRESETS[args.preset]
+        settings = {name: getattr(preset, name) for name in DECODING_OPTIONS}
+    settings.update({name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None})
+    return settings
 
 
 def _write_json(path: str, payload: dict) -> None:
@@ -135,6 +194,67 @@ def run_cloze(args: argparse.Namespace) -> int:
             "evaluation": "cloze", "task": task.name, "pattern_id": args.pattern_id, "data": args.data,
             "model": args.model, "num_examples": evaluation.num_examples,
             "num_labelled": evaluation.num_labelled, "num_truncated": evaluation.num_truncated,
+            "metrics": evaluation.metrics,
+        })
+    return 0
+
+
+def _run_settings(model: str) -> dict:
+    """The task settings of the finetuning run that ``model`` (the run, its ``best/`` or one of its
+    checkpoints) belongs to, or {} (not a finetuning run)."""
+    from glm_ext.run_dir import BEST_DIR, CHECKPOINTS_DIR, FINETUNE_CONFIG_FILE
+
+    path = Path(model)
+    if path.name == BEST_DIR:
+        path = path.parent
+    elif path.parent.name == CHECKPOINTS_DIR:
+        path = path.parent.parent
+    file = path / FINETUNE_CONFIG_FILE
+    if not file.is_file():
+        return {}
+    settings = json.loads(file.read_text(encoding="utf-8"))
+    return settings if settings.get("mode") == "seq2seq" else {}
+
+
+@reports_errors
+def run_seq2seq(args: argparse.Namespace) -> int:
+    from glm_ext.cli.generate import load_for_generation
+    from glm_ext.generation import GenerationConfig
+    from glm_ext.progress import Progress
+    from glm_ext.tasks.seq2seq import Seq2SeqLayout, evaluate_seq2seq
+    from glm_ext.tasks.seq2seq_data import read_seq2seq
+
+    run = _run_settings(args.model).get("layout", {})
+    task = args.task or run.get("task", "summarization")
+    same_task = task == run.get("task")
+    layout = Seq2SeqLayout.for_task(
+        task, source_length=args.source_length or (run.get("source_length") if same_task else None),
+        target_length=args.target_length or (run.get("target_length") if same_task else None),
+        mask_token=args.mask_token or run.get("mask_token", "[MASK]"))
+    generation = GenerationConfig(**layout.decoding(decoding_overrides(args)))
+    examples = read_seq2seq(args.data, task, split=args.split)
+    model, tokenizer = load_for_generation(args.model, args.tokenizer, args.device)
+    with Progress("decoding", len(examples), unit="example", leave=False) as progress:
+        evaluation = evaluate_seq2seq(model, tokenizer, examples, layout, generation, batch_size=args.batch_size,
+                                      progress=lambda done: progress.advance(done - progress.position))
+    print(f"{task} on {args.data}: {len(examples)} examples, {evaluation.num_labelled} with a reference "
+          f"({generation.num_beams} beams, source {layout.source_length} tokens, at most "
+          f"{max(generation.limits)} new tokens)")
+    _print_metrics(evaluation.metrics)
+    if args.predictions:
+        from glm_ext.files import write_file_atomically
+
+        def write(file) -> None:
+            for example, prediction in zip(examples, evaluation.predictions):
+                file.write(json.dumps({"source": example.where, "prediction": prediction,
+                                       "target": example.target}) + "\n")
+
+        write_file_atomically(Path(args.predictions), write)
+    if args.output:
+        _write_json(args.output, {
+            "evaluation": "seq2seq", "task": task, "data": args.data, "model": args.model,
+            "num_examples": len(examples), "num_labelled": evaluation.num_labelled,
+            "layout": dataclasses.asdict(layout), "generation": dataclasses.asdict(generation),
             "metrics": evaluation.metrics,
         })
     return 0

@@ -882,6 +882,7 @@ class Trainer:
                 if before is not None:
                     summary.update({f"{name}_before": value for name, value in before.items()})
                     self._say(held_out_line(self.step, before))
+                    self._keep_best(before)
                 start, tokens_then = time.perf_counter(), self.tokens_seen
                 self._window_start = start
                 window = max(1, c.log_every)

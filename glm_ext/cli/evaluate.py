@@ -123,7 +123,7 @@ DECODING_OPTIONS = ("num_beams", "length_penalty", "no_repeat_ngram_size", "min_
 def add_decoding_options(group) -> None:
     """The beam-search flags of ``evaluate seq2seq`` and ``finetune seq2seq --dev-decode``; unset
     ones keep the task's settings (:meth:`glm_ext.tasks.seq2seq.Seq2SeqLayout.decoding`)."""
-    group.add_argument("--preset", metavar="NAME", help="a decoding preset of glm_ext.generation.GENERATION_PRESETS "
+    group.add_argument("--decoding-preset", metavar="NAME", help="a decoding preset of glm_ext.generation.GENERATION_PRESETS "
                        "(cnn_dailymail: the authors' CNN/DailyMail beam search); the flags below override it")
     group.add_argument("--num-beams", type=int, help="beams (1: greedy)")
     group.add_argument("--length-penalty", type=float, help="beam scores are divided by length ** this")
@@ -135,15 +135,15 @@ def add_decoding_options(group) -> None:
 
 
 def decoding_overrides(args: argparse.Namespace) -> dict:
-    """The GenerationConfig fields the decoding flags (and ``--preset``) set."""
+    """The GenerationConfig fields the decoding flags (and ``--decoding-preset``) set."""
     settings = {}
-    if args.preset is not None:
+    if args.decoding_preset is not None:
         from glm_ext.generation import GENERATION_PRESETS
 
-        if args.preset not in GENERATION_PRESETS:
-            raise ValueError(f"--preset: unknown decoding preset {args.preset!r}; choose one of "
+        if args.decoding_preset not in GENERATION_PRESETS:
+            raise ValueError(f"--decoding-preset: unknown preset {args.decoding_preset!r}; choose one of "
                              f"{', '.join(GENERATION_PRESETS)}")
-        preset = GENERATION_PRESETS[args.preset]
+        preset = GENERATION_PRESETS[args.decoding_preset]
         settings = {name: getattr(preset, name) for name in DECODING_OPTIONS}
     settings.update({name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None})
     return settings

@@ -119,8 +119,9 @@ def _load_pretrained(args: argparse.Namespace):
     return model, Path(model_dir), Path(tokenizer_path)
 
 
-def _train_config(args: argparse.Namespace, mode: str, num_examples: int, tokenizer: Path):
-    """The TrainConfig of a finetuning run: the flags, finetuning's defaults, steps from --epochs."""
+def _train_config(args: argparse.Namespace, mode: str, num_examples: int, tokenizer: Path, run):
+    """The TrainConfig of a finetuning run: the flags, finetuning's defaults, steps from --epochs,
+    warmup from --warmup-ratio (a run that resumes keeps its warmup, whatever its new steps)."""
     from glm_ext.training import TrainConfig
 
     values = {name: value for name, value in DEFAULTS.items() if value is not dataclasses.MISSING}
@@ -132,6 +133,8 @@ def _train_config(args: argparse.Namespace, mode: str, num_examples: int, tokeni
         if not epochs > 0:
             raise ValueError(f"--epochs must be positive, got {epochs}")
         values["steps"] = max(1, math.ceil(epochs * num_examples / values["batch_size"]))
+    if "warmup" not in values and run.config_file.is_file():
+        values["warmup"] = json.loads(run.config_file.read_text(encoding="utf-8"))["warmup"]
     if "warmup" not in values:
         if not 0 <= args.warmup_ratio <= 1:
             raise ValueError(f"--warmup-ratio must lie in [0, 1], got {args.warmup_ratio}")
@@ -156,11 +159,15 @@ def _finetune(args: argparse.Namespace, mode: str, make_settings, make_task) -> 
     if output == model_dir.absolute() or output in model_dir.absolute().parents:
         raise ValueError(f"--output-dir {output} holds the pretrained model {model_dir}: finetune into a run "
                          "directory of its own")
+    run = RunDirectory(output)
+    if run.checkpoints() and not (run.path / FINETUNE_CONFIG_FILE).is_file():
+        raise ValueError(f"--output-dir {output} holds a training run that is not a finetuning one; finetune into "
+                         "another directory")
     settings = make_settings(str(Path(args.model).absolute()))
     seed = vars(args).get("seed", TrainConfig.seed)
-    task = make_task(settings, GLMTokenizer.from_file(tokenizer_path), max_sequence_length=model.config.max_sequence_length,
-                     seed=seed)
-    config = _train_config(args, mode, task.order.count, tokenizer_path)
+    task = make_task(settings, GLMTokenizer.from_file(tokenizer_path),
+                     max_sequence_length=model.config.max_sequence_length, seed=seed)
+    config = _train_config(args, mode, task.order.count, tokenizer_path, run)
     init_distributed(resolve_device(config.device))  # joins torchrun's process group (nothing without torchrun)
     try:
         trainer = Trainer(config, task=task, init_from=model)

@@ -193,7 +193,8 @@ def seq2seq_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.T
 
 #: The authors' settings of each task (THUDM/GLM ``config_tasks/seq_{cnndm,xsum,gigaword,squad_generation}.sh``):
 #: source and target lengths, and the beam search of the evaluation (GenerationConfig fields; at most
-#: ``target_length`` new tokens). ``summarization`` (any other corpus) takes CNN/DailyMail's.
+#: ``target_length`` new tokens). ``summarization`` (any other corpus) takes CNN/DailyMail's, but for the
+#: shortest target, one token.
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "cnn_dm": {"source_length": 608, "target_length": 160, "decoding": {
         "num_beams": 5, "length_penalty": 0.7, "no_repeat_ngram_size": 3, "min_new_tokens": 55}},
@@ -204,7 +205,8 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "squad_generation": {"source_length": 464, "target_length": 48, "decoding": {
         "num_beams": 5, "length_penalty": 0.7, "min_new_tokens": 0}},
 }
-TASK_DEFAULTS["summarization"] = TASK_DEFAULTS["cnn_dm"]
+TASK_DEFAULTS["summarization"] = {**TASK_DEFAULTS["cnn_dm"],
+                                  "decoding": {**TASK_DEFAULTS["cnn_dm"]["decoding"], "min_new_tokens": 1}}
 
 #: The mask tokens a source may hold: ``[sMASK]`` for models pretrained with task masks (the
 #: authors' choice for summarisation), ``[gMASK]`` for GLM-10B-style generation.
@@ -235,10 +237,12 @@ class Seq2SeqLayout:
 
     def decoding(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """The authors' beam search for this task (GenerationConfig fields, at most ``target_length``
-        tokens) with ``overrides``; with ``num_beams=1`` among them, without the beam-only settings
-        they do not give."""
+        tokens, the task's ``min_new_tokens`` capped there) with ``overrides``; with ``num_beams=1``
+        among them, without the beam-only settings they do not give."""
         overrides = dict(overrides or {})
         settings = {**TASK_DEFAULTS[self.task]["decoding"], "max_new_tokens": self.target_length, **overrides}
+        if "min_new_tokens" not in overrides:
+            settings["min_new_tokens"] = min(settings["min_new_tokens"], settings["max_new_tokens"])
         if settings["num_beams"] == 1:
             for name in ("length_penalty", "early_stopping"):
                 if name not in overrides:

@@ -452,6 +452,9 @@ class BlankInfillingTask:
         return {"data_stream": self.stream.state_dict(), "collator": self.collator.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "data_stream" not in state:
+            raise ValueError("cannot resume: the checkpoint is not of a pretraining run (glm-ext finetune writes such "
+                             "checkpoints); choose another output directory")
         self.stream.load_state_dict(state["data_stream"])
         self.collator.load_state_dict(state["collator"])
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
-from finetune_testing import KEYWORDS, keyword_records, pretrain, write_jsonl
+from finetune_testing import KEYWORDS, TINY_MODEL, keyword_records, pretrain, write_jsonl
 from glm_ext.checkpoint import checkpoint_metadata, load_checkpoint, save_authors_checkpoint
 from glm_ext.cli import main
 from glm_ext.generation import GenerationConfig, fill_blanks
@@ -308,6 +308,13 @@ def test_bad_files_and_settings_end_in_one_clear_line(pretrained, keyword_files,
     changed = [item if item != "{text} Which word does it use? [MASK]." else "{text} [MASK]" for item in CLOZE_TASK]
     assert "other task settings (pattern:" in error("cloze", pretrained, *changed, "--train", good,
                                                     "--output-dir", tmp_path / "done", "--steps", 2)
+
+    overrides = [f"{name}={value}" for name, value in TINY_MODEL.items()]
+    assert main(["train", "--data", str(pretrained.parent / "corpus"), "--tokenizer", str(pretrained / "tokenizer.json"),
+                 "--output-dir", str(tmp_path / "done"),
+                 "--model-overrides", *overrides, "--dropout", "0.1", "--steps", "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume") and err.count("\n") == 1, err  # a finetuning run, not pretraining
 
     seq2seq = ["seq2seq", pretrained, "--output-dir", tmp_path / "s2s", "--steps", 1, "--source-length", 40,
                "--target-length", 8]

@@ -41,11 +41,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(commands) -> None:
-    from glm_ext.tasks import CLOZE_TASK_NAMES
     from glm_ext.tasks.language_model import MODES
     from glm_ext.tasks.seq2seq import MASK_TOKENS
     from glm_ext.tasks.seq2seq_data import SEQ2SEQ_TASKS, XSUM_SPLITS
-    from glm_ext.tasks.superglue import DEFAULT_PATTERNS
 
     parser = commands.add_parser(
         "evaluate", help="evaluate a trained GLM: cloze tasks, perplexity/LAMBADA, lm-evaluation-harness",
@@ -56,19 +54,8 @@ def add_parser(commands) -> None:
 
     cloze = modes.add_parser("cloze", help="classification as cloze (SuperGLUE tasks or a custom pattern)")
     _common(cloze)
-    cloze.add_argument("--task", required=True, choices=CLOZE_TASK_NAMES)
     cloze.add_argument("--data", required=True, metavar="FILE", help="JSON lines in the task's layout")
-    cloze.add_argument("--pattern-id", type=int, help="SuperGLUE pattern (default: the authors' "
-                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_PATTERNS.items()) + ")")
-    cloze.add_argument("--pattern", help='custom: e.g. "{text} It was [MASK]." ({field} from the record)')
-    cloze.add_argument("--pattern-function", metavar="MODULE:FUNCTION",
-                       help="custom: a function of the record returning the filled pattern")
-    cloze.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=TEXT",
-                       help="custom: the text of a label in the blank (repeat for each label)")
-    cloze.add_argument("--label-field", default="label", help="custom: the record field holding the label")
-    cloze.add_argument("--length-penalty", type=float,
-                       help="multi-token scores are divided by len ** this (default: the task's; WSC 1, others 0)")
-    cloze.add_argument("--max-length", type=int, help="longest row (default: the model's max_sequence_length)")
+    add_cloze_task_options(cloze)
     cloze.add_argument("--share-context", choices=tuple(SHARE_CONTEXT), default="auto",
                        help="encode Part A once for all candidates of an example (same scores; auto: where it "
                             "saves tokens)")
@@ -147,6 +134,25 @@ def decoding_overrides(args: argparse.Namespace) -> dict:
         settings = {name: getattr(preset, name) for name in DECODING_OPTIONS}
     settings.update({name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None})
     return settings
+
+
+def add_cloze_task_options(group) -> None:
+    """The task options of ``evaluate cloze`` and ``finetune cloze``."""
+    from glm_ext.tasks import CLOZE_TASK_NAMES
+    from glm_ext.tasks.superglue import DEFAULT_PATTERNS
+
+    group.add_argument("--task", required=True, choices=CLOZE_TASK_NAMES)
+    group.add_argument("--pattern-id", type=int, help="SuperGLUE pattern (default: the authors' "
+                       + ", ".join(f"{k} {v}" for k, v in DEFAULT_PATTERNS.items()) + ")")
+    group.add_argument("--pattern", help='custom: e.g. "{text} It was [MASK]." ({field} from the record)')
+    group.add_argument("--pattern-function", metavar="MODULE:FUNCTION",
+                       help="custom: a function of the record returning the filled pattern")
+    group.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=TEXT",
+                       help="custom: the text of a label in the blank (repeat for each label)")
+    group.add_argument("--label-field", default="label", help="custom: the record field holding the label")
+    group.add_argument("--length-penalty", type=float,
+                       help="multi-token scores are divided by len ** this (default: the task's; WSC 1, others 0)")
+    group.add_argument("--max-length", type=int, help="longest row (default: the model's max_sequence_length)")
 
 
 def _write_json(path: str, payload: dict) -> None:

@@ -56,10 +56,9 @@ def _common(parser: argparse.ArgumentParser, mode: str) -> None:
 
 
 def add_parser(commands) -> None:
-    from glm_ext.tasks import CLOZE_TASK_NAMES
+    from glm_ext.cli.evaluate import add_cloze_task_options, add_decoding_options
     from glm_ext.tasks.seq2seq import MASK_TOKENS
     from glm_ext.tasks.seq2seq_data import SEQ2SEQ_TASKS
-    from glm_ext.tasks.superglue import DEFAULT_PATTERNS
 
     parser = commands.add_parser(
         "finetune", help="finetune a pretrained GLM: cloze classification or seq2seq",
@@ -70,19 +69,7 @@ def add_parser(commands) -> None:
 
     cloze = modes.add_parser("cloze", help="classification as cloze (SuperGLUE tasks or a custom pattern)")
     _common(cloze, "cloze")
-    task = cloze.add_argument_group("the task (as glm-ext evaluate cloze)")
-    task.add_argument("--task", required=True, choices=CLOZE_TASK_NAMES)
-    task.add_argument("--pattern-id", type=int, help="SuperGLUE pattern (default: the authors' "
-                      + ", ".join(f"{k} {v}" for k, v in DEFAULT_PATTERNS.items()) + ")")
-    task.add_argument("--pattern", help='custom: e.g. "{text} It was [MASK]." ({field} from the record)')
-    task.add_argument("--pattern-function", metavar="MODULE:FUNCTION",
-                      help="custom: a function of the record returning the filled pattern")
-    task.add_argument("--verbalizer", action="append", default=[], metavar="LABEL=TEXT",
-                      help="custom: the text of a label in the blank (repeat for each label)")
-    task.add_argument("--label-field", default="label", help="custom: the record field holding the label")
-    task.add_argument("--length-penalty", type=float,
-                      help="multi-token scores are divided by len ** this (default: the task's; WSC 1, others 0)")
-    task.add_argument("--max-length", type=int, help="longest row (default: the model's max_sequence_length)")
+    add_cloze_task_options(cloze.add_argument_group("the task (as glm-ext evaluate cloze)"))
     cloze.set_defaults(run=run_cloze)
 
     seq2seq = modes.add_parser("seq2seq", help="sequence to sequence (summarisation, question generation)")
@@ -100,8 +87,6 @@ def add_parser(commands) -> None:
     task.add_argument("--dev-decode", type=int, default=0, metavar="N",
                       help="decode the first N dev examples at each evaluation for ROUGE (then the best model is "
                            "the best ROUGE-1, else the lowest dev loss)")
-    from glm_ext.cli.evaluate import add_decoding_options
-
     add_decoding_options(seq2seq.add_argument_group("decoding of --dev-decode (default: the task's beam search)"))
     seq2seq.set_defaults(run=run_seq2seq)
 

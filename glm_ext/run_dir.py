@@ -43,6 +43,7 @@ Guarantees (README "Reliability"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
@@ -89,11 +90,13 @@ __all__ = [
     "STATE_FILE",
     "TENSORBOARD_DIR",
     "TOKENIZER_FILE",
+    "LoadedModel",
     "ResumeWarning",
     "RunDirectory",
     "RunDirectoryInUse",
     "check_tokenizer",
     "checkpoint_name",
+    "load_model",
     "resolve_model_source",
 ]
 
@@ -412,3 +415,33 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if step_dir is not None:
         return step_dir / MODEL_DIR, root / TOKENIZER_FILE
     raise FileNotFoundError(f"{path} is neither a training run (glm-ext train --output-dir) nor a checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with its tokenizer, and where they were read from."""
+
+    model: GLMModel
+    tokenizer: GLMTokenizer
+    model_dir: Path
+    tokenizer_path: Path
+
+
+def load_model(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """The model a user names (what ``glm-ext generate``, ``evaluate`` and ``finetune`` take): a run
+    directory (its newest checkpoint), a ``checkpoints/step-N`` directory or a checkpoint directory
+    (a run's ``best/``, ``glm-ext convert``'s output), with the tokenizer it carries, else the one
+    at ``tokenizer_path`` (which also overrides the carried one). A tokenizer other than the one the
+    model records it was trained with is refused. ``device``: as :func:`glm_ext.devices.resolve_device`."""
+    from glm_ext.devices import resolve_device
+    from glm_ext.tokenizer import GLMTokenizer
+
+    model_dir, carried = resolve_model_source(path)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else carried
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path} is a checkpoint without a tokenizer.json: pass --tokenizer")
+    tokenizer = GLMTokenizer.from_file(tokenizer_path)
+    check_tokenizer(model_dir, tokenizer.sha256, str(tokenizer_path))
+    model = load_checkpoint(model_dir, map_location=resolve_device(str(device)))
+    return LoadedModel(model.eval(), tokenizer, model_dir, tokenizer_path)

@@ -14,8 +14,8 @@
   (:mod:`glm_ext.tasks.language_model`).
 * ``harness MODEL [lm-eval flags]``: runs lm-evaluation-harness with the model (:mod:`glm_ext.harness`).
 
-MODEL is a run directory, a ``checkpoints/step-N`` directory or a checkpoint (then with
-``--tokenizer``). ``--output FILE`` writes the results as JSON (cloze, seq2seq and lm).
+MODEL is a run directory, a ``checkpoints/step-N`` directory or a checkpoint directory, with the
+tokenizer it carries or ``--tokenizer`` (:func:`glm_ext.run_dir.load_model`). ``--output FILE`` writes the results as JSON (cloze, seq2seq and lm).
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import dataclasses
 import json
 from pathlib import Path
 
-from glm_ext.cli.common import error, reports_errors
+from glm_ext.cli.common import MODEL_HELP, add_model_arguments, error, reports_errors
 
 SHARE_CONTEXT = {"auto": None, "always": True, "never": False}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", metavar="MODEL",
-                        help="a run directory, a checkpoints/step-N directory or a checkpoint (then with --tokenizer)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's copy)")
+    add_model_arguments(parser)
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--max-tokens", type=int, default=4096,
                         help="tokens per batch (rows x padded length; default: 4096)")
@@ -97,7 +95,7 @@ def add_parser(commands) -> None:
         "--num_fewshot, --output_path, --include_path, ...), except --tokenizer, --mode, --mask-token, "
         "--max-tokens, which configure the model.",
     )
-    harness.add_argument("model", metavar="MODEL", help="a run directory, a checkpoints/step-N directory or a checkpoint")
+    harness.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     harness.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="LM_EVAL_ARGS")
     harness.set_defaults(run=run_harness)
 
@@ -168,7 +166,7 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 
 @reports_errors
 def run_cloze(args: argparse.Namespace) -> int:
-    from glm_ext.cli.generate import load_for_generation
+    from glm_ext.run_dir import load_model
     from glm_ext.tasks import cloze_task
     from glm_ext.tasks.cloze import evaluate_cloze
     from glm_ext.tasks.custom import load_callable, parse_verbalizer
@@ -179,7 +177,8 @@ def run_cloze(args: argparse.Namespace) -> int:
     task = cloze_task(args.task, pattern_id=args.pattern_id, pattern=pattern,
                       verbalizer=parse_verbalizer(args.verbalizer), label_field=args.label_field)
     examples = task.read(args.data)
-    model, tokenizer = load_for_generation(args.model, args.tokenizer, args.device)
+    loaded = load_model(args.model, args.tokenizer, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     evaluation = evaluate_cloze(model, tokenizer, task, examples, max_length=args.max_length,
                                 length_penalty=args.length_penalty, max_tokens=args.max_tokens,
                                 share_context=SHARE_CONTEXT[args.share_context])
@@ -224,7 +223,7 @@ def _run_settings(model: str) -> dict:
 
 @reports_errors
 def run_seq2seq(args: argparse.Namespace) -> int:
-    from glm_ext.cli.generate import load_for_generation
+    from glm_ext.run_dir import load_model
     from glm_ext.generation import GenerationConfig
     from glm_ext.progress import Progress
     from glm_ext.tasks.seq2seq import Seq2SeqLayout, evaluate_seq2seq
@@ -239,7 +238,8 @@ def run_seq2seq(args: argparse.Namespace) -> int:
         mask_token=args.mask_token or run.get("mask_token", "[MASK]"))
     generation = GenerationConfig(**layout.decoding(decoding_overrides(args)))
     examples = read_seq2seq(args.data, task, split=args.split)
-    model, tokenizer = load_for_generation(args.model, args.tokenizer, args.device)
+    loaded = load_model(args.model, args.tokenizer, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     with Progress("decoding", len(examples), unit="example", leave=False) as progress:
         evaluation = evaluate_seq2seq(model, tokenizer, examples, layout, generation, batch_size=args.batch_size,
                                       progress=lambda done: progress.advance(done - progress.position))
@@ -268,11 +268,12 @@ def run_seq2seq(args: argparse.Namespace) -> int:
 
 @reports_errors
 def run_lm(args: argparse.Namespace) -> int:
-    from glm_ext.cli.generate import load_for_generation
+    from glm_ext.run_dir import load_model
     from glm_ext.tasks.language_model import lambada, perplexity, read_texts
 
     texts = read_texts(args.data, text_field=args.text_field)
-    model, tokenizer = load_for_generation(args.model, args.tokenizer, args.device)
+    loaded = load_model(args.model, args.tokenizer, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     documents = [tokenizer.encode(text) for text in texts]
     result = perplexity(model, tokenizer, documents, mode=args.mode, window=args.window, stride=args.stride,
                         mask_token=args.mask_token, max_tokens=args.max_tokens)

@@ -24,7 +24,7 @@ import json
 import math
 from pathlib import Path
 
-from glm_ext.cli.common import error, reports_errors
+from glm_ext.cli.common import add_model_arguments, error, reports_errors
 from glm_ext.cli.config_options import add_dataclass_options, option_values
 
 #: TrainConfig fields of pretraining only (the data, the architecture, the blank-infilling rows).
@@ -41,9 +41,7 @@ DEFAULT_EPOCHS = 3
 def _common(parser: argparse.ArgumentParser, mode: str) -> None:
     from glm_ext.training import TrainConfig
 
-    parser.add_argument("model", metavar="MODEL", help="the pretrained model: a run directory, a checkpoints/step-N "
-                        "directory or a checkpoint (with its tokenizer.json, or --tokenizer)")
-    parser.add_argument("--tokenizer", help="tokenizer.json (default: the one MODEL carries)")
+    add_model_arguments(parser)  # the pretrained model
     parser.add_argument("--train", required=True, metavar="FILE", help="the training data")
     parser.add_argument("--dev", metavar="FILE", help="held-out data: its metrics at every evaluation "
                         "(--eval-every) in metrics.jsonl; the best model goes to OUTPUT_DIR/best")
@@ -91,19 +89,6 @@ def add_parser(commands) -> None:
     seq2seq.set_defaults(run=run_seq2seq)
 
 
-def _load_pretrained(args: argparse.Namespace):
-    """(model on the CPU, its checkpoint directory, the tokenizer file)."""
-    from glm_ext.cli.generate import load_for_generation
-    from glm_ext.run_dir import resolve_model_source
-
-    model_dir, carried = resolve_model_source(args.model)
-    tokenizer_path = args.tokenizer or carried
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"{args.model} is a bare checkpoint: pass --tokenizer")
-    model, _ = load_for_generation(args.model, str(tokenizer_path), "cpu")
-    return model, Path(model_dir), Path(tokenizer_path)
-
-
 def _train_config(args: argparse.Namespace, mode: str, num_examples: int, tokenizer: Path, run):
     """The TrainConfig of a finetuning run: the flags, finetuning's defaults, steps from --epochs,
     warmup from --warmup-ratio (a run that resumes keeps its warmup, whatever its new steps)."""
@@ -134,12 +119,12 @@ def _finetune(args: argparse.Namespace, mode: str, make_settings, make_task) -> 
     from glm_ext.devices import resolve_device
     from glm_ext.distributed import close_distributed, init_distributed
     from glm_ext.progress import is_main_process
-    from glm_ext.run_dir import FINETUNE_CONFIG_FILE, RunDirectory
+    from glm_ext.run_dir import FINETUNE_CONFIG_FILE, RunDirectory, load_model
     from glm_ext.tasks.finetune import settings_to_dict
-    from glm_ext.tokenizer import GLMTokenizer
     from glm_ext.training import TrainConfig, Trainer
 
-    model, model_dir, tokenizer_path = _load_pretrained(args)
+    pretrained = load_model(args.model, args.tokenizer)  # on the CPU: the trainer places it
+    model, model_dir = pretrained.model, pretrained.model_dir
     output = Path(vars(args).get("output_dir", DEFAULTS["output_dir"])).absolute()
     if output == model_dir.absolute() or output in model_dir.absolute().parents:
         raise ValueError(f"--output-dir {output} holds the pretrained model {model_dir}: finetune into a run "
@@ -150,9 +135,9 @@ def _finetune(args: argparse.Namespace, mode: str, make_settings, make_task) -> 
                          "another directory")
     settings = make_settings(str(Path(args.model).absolute()))
     seed = vars(args).get("seed", TrainConfig.seed)
-    task = make_task(settings, GLMTokenizer.from_file(tokenizer_path),
+    task = make_task(settings, pretrained.tokenizer,
                      max_sequence_length=model.config.max_sequence_length, seed=seed)
-    config = _train_config(args, mode, task.order.count, tokenizer_path, run)
+    config = _train_config(args, mode, task.order.count, pretrained.tokenizer_path, run)
     init_distributed(resolve_device(config.device))  # joins torchrun's process group (nothing without torchrun)
     try:
         trainer = Trainer(config, task=task, init_from=model)

@@ -319,7 +319,12 @@ def test_bad_files_and_settings_end_in_one_clear_line(pretrained, keyword_files,
     seq2seq = ["seq2seq", pretrained, "--output-dir", tmp_path / "s2s", "--steps", 1, "--source-length", 40,
                "--target-length", 8]
     no_target = write_jsonl(tmp_path / "no_target.jsonl", [{"source": "a text"}])
-    assert f"{no_target}:1: a finetuning example needs its target" in error(*seq2seq, "--train", no_target)
+    assert f"{no_target}:1: field 'target' is missing" in error(*seq2seq, "--train", no_target)
+    no_source = write_jsonl(tmp_path / "no_source.jsonl", [{"text": "a text", "target": "a"}])
+    assert f"{no_source}:1: field 'source' is missing" in error(*seq2seq, "--train", no_source)
+    no_question = write_jsonl(tmp_path / "no_question.jsonl", [{"context": "a text", "answer": "a"}])
+    assert f"{no_question}:1: field 'question' is missing" in error(*seq2seq, "--task", "squad_generation",
+                                                                   "--train", no_question)
     (tmp_path / "train.source").write_text("one\ntwo\n")
     assert "train.target, which does not exist" in error(*seq2seq, "--train", tmp_path / "train.source")
     (tmp_path / "train.target").write_text("one\n")

@@ -57,7 +57,7 @@ from glm_ext.tasks.seq2seq import (
     evaluate_seq2seq,
     seq2seq_loss,
 )
-from glm_ext.tasks.seq2seq_data import Seq2SeqExample, read_seq2seq
+from glm_ext.tasks.seq2seq_data import SEQ2SEQ_TASKS, Seq2SeqExample, read_seq2seq
 
 __all__ = [
     "ClozeFinetuning",
@@ -338,7 +338,8 @@ def _read_labelled(path: str, layout: Seq2SeqLayout, split: str) -> list[Seq2Seq
     examples = read_seq2seq(path, layout.task, split=split)
     unlabelled = next((x for x in examples if x.target is None), None)
     if unlabelled is not None:
-        raise ValueError(f"{unlabelled.where}: a finetuning example needs its target")
+        field = "question" if SEQ2SEQ_TASKS[layout.task] == "question_generation" else "target"
+        raise ValueError(f"{unlabelled.where}: field {field!r} is missing (a finetuning example needs its target)")
     return examples
 
 

@@ -54,7 +54,7 @@ def _common(parser: argparse.ArgumentParser, mode: str) -> None:
 
 
 def add_parser(commands) -> None:
-    from glm_ext.cli.evaluate import add_cloze_task_options, add_decoding_options
+    from glm_ext.cli.task_options import add_cloze_task_options, add_decoding_options
     from glm_ext.tasks.seq2seq import MASK_TOKENS
     from glm_ext.tasks.seq2seq_data import SEQ2SEQ_TASKS
 
@@ -180,7 +180,7 @@ def run_cloze(args: argparse.Namespace) -> int:
 
 @reports_errors
 def run_seq2seq(args: argparse.Namespace) -> int:
-    from glm_ext.cli.evaluate import decoding_overrides
+    from glm_ext.cli.task_options import decoding_overrides
     from glm_ext.tasks.finetune import Seq2SeqFinetuning, Seq2SeqSettings
     from glm_ext.tasks.seq2seq import Seq2SeqLayout
 

@@ -17,7 +17,7 @@ INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 MODEL_HELP = ("a run directory (glm-ext train/finetune --output-dir: its newest checkpoint), a checkpoints/step-N "
               "directory or a checkpoint directory (a run's best/, glm-ext convert's output); a checkpoint that "
               "carries its tokenizer.json needs no --tokenizer")
-TOKENIZER_HELP = "tokenizer.json (default: the one MODEL carries: the run's copy or the checkpoint's)"
+TOKENIZER_HELP = "tokenizer.json (default: the run's copy, or the one the checkpoint carries)"
 
 
 def add_model_arguments(parser, metavar: str = "MODEL") -> None:

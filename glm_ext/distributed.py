@@ -53,8 +53,6 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from glm_ext.data.blank_infilling import BlankInfillingBatch
-from glm_ext.data.collate import PackedBatch
 from glm_ext.data.steps import batch_logits
 from glm_ext.model import lm_loss
 from glm_ext.progress import is_main_process  # the one notion of the main process (rank 0)
@@ -304,9 +302,14 @@ class StepLoss:
             dist.all_reduce(count)
         return cls(count.to(torch.float64).clamp(min=1.0), _world_size())
 
+    @property
+    def normalizer(self) -> torch.Tensor:
+        """What a micro-batch's summed loss is divided by on this rank (``tokens / world_size``)."""
+        return self.tokens / self.world_size
+
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """This micro-batch's part of the step loss, scaled for backward on this rank."""
-        return lm_loss(logits, targets, loss_mask, normalizer=self.tokens / self.world_size)
+        return lm_loss(logits, targets, loss_mask, normalizer=self.normalizer)
 
     def value(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """The step's loss from this rank's (detached) parts: what one batch of all rows would give
@@ -319,21 +322,30 @@ class StepLoss:
 
 def accumulate_gradients(
     model: nn.Module,
-    batches: Sequence[BlankInfillingBatch | PackedBatch],
+    batches: Sequence[Any],
     *,
-    forward: Callable[[BlankInfillingBatch | PackedBatch], torch.Tensor] | None = None,
+    forward: Callable[[Any], torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor, Any, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward and backward passes over this rank's micro-batches of one step, with the loss of
     :class:`StepLoss` and the gradients reduced over ranks once, with the last micro-batch.
-    Returns the step's loss (detached; a collective). ``forward(batch) -> logits`` defaults to
-    ``batch_logits(model, batch)``; pass one to add autocast or call a compiled model."""
+    Returns the step's loss (detached; a collective). ``forward(batch) -> output`` defaults to
+    ``batch_logits(model, batch)``; pass one to add autocast or call a compiled model.
+
+    ``loss(output, batch, normalizer)`` (default: ``lm_loss(output, batch.targets, batch.loss_mask,
+    normalizer=normalizer)``) is a micro-batch's part of the step loss: the sum of its per-unit
+    losses divided by ``normalizer``, where the units are the nonzero entries of ``batch.loss_mask``
+    (Part B tokens in pretraining; examples in cloze finetuning)."""
     step_loss = StepLoss.for_step(batch.loss_mask for batch in batches)
     parts = []
     for batch in micro_batches(model, batches):
-        logits = forward(batch) if forward is not None else batch_logits(model, batch)
-        loss = step_loss(logits, batch.targets, batch.loss_mask)
-        loss.backward()
-        parts.append(loss.detach())
+        output = forward(batch) if forward is not None else batch_logits(model, batch)
+        if loss is None:
+            part = step_loss(output, batch.targets, batch.loss_mask)
+        else:
+            part = loss(output, batch, step_loss.normalizer)
+        part.backward()
+        parts.append(part.detach())
     return step_loss.value(parts)
 
 

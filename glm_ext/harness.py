@@ -71,9 +71,10 @@ class GLMExtLM(LM):
         if (path is None) == (model is None):
             raise ValueError("glm_ext needs model_args path=RUN_OR_CHECKPOINT (or an in-memory model)")
         if model is None:
-            from glm_ext.cli.generate import load_for_generation
+            from glm_ext.run_dir import load_model
 
-            model, tokenizer = load_for_generation(str(path), tokenizer, _available(device))
+            loaded = load_model(path, tokenizer, _available(device))
+            model, tokenizer = loaded.model, loaded.tokenizer
         elif tokenizer is None or isinstance(tokenizer, str):
             raise ValueError("an in-memory model needs its tokenizer object")
         self.model = model

@@ -13,7 +13,10 @@ written. Keys (absent when not measured at that step):
 ``padding_share``     share of padding among the positions computed since the previous line (packed
                       rows: and ``padding_share_without_packing``, the share as padded rows)
 ``eval_loss``         held-out loss (mean cross-entropy over all held-out Part B tokens)
-``eval_accuracy``     held-out blank-infilling token accuracy (argmax = target, same tokens)
+``eval_accuracy``     held-out blank-infilling token accuracy (argmax = target, same tokens;
+                      seq2seq finetuning: of the dev targets' tokens)
+``dev_<metric>``      a finetuning task's dev metrics (percentages: ``dev_accuracy``,
+                      ``dev_f1_macro``, ``dev_rouge1``, ...; ``eval_loss`` is then the dev loss)
 ``wall_time``         Unix time of the line
 ====================  =============================================================================
 
@@ -24,7 +27,8 @@ exists without the lines up to its step.
 
 With ``tensorboard=True`` the same values also go to TensorBoard event files in the run directory's
 ``tensorboard/`` (``tensorboard --logdir RUN_DIR/tensorboard``), as ``train/<key>`` and
-``eval/<key>``; a resumed run purges the events beyond its step there too.
+``eval/<key>`` (``eval/loss``, ``eval/dev_accuracy``, ...); a resumed run purges the events beyond its
+step there too.
 
 Only the main process (:func:`glm_ext.progress.is_main_process`) writes.
 """
@@ -108,7 +112,7 @@ class MetricsLogger:
         if self._writer is not None:
             for key, value in record.items():
                 if key not in ("step", "wall_time") and value is not None:
-                    group = "eval" if key.startswith("eval_") else "train"
+                    group = "eval" if key.startswith(("eval_", "dev_")) else "train"
                     self._writer.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, step,
                                             walltime=record.get("wall_time"))
             self._writer.flush()

@@ -4,11 +4,15 @@ A run directory (``TrainConfig.output_dir``, what ``glm-ext generate/plot RUN_DI
 
     train.lock                        locked (flock) by the trainer at work, holds its pid
     train_config.json                 the configuration of the run (TrainConfig)
+    finetune_config.json              a finetuning run's task settings (glm_ext.tasks.finetune)
     tokenizer.json                    a copy of the tokenizer the run was trained with
     metrics.jsonl                     one JSON object per logged step (glm_ext.metrics)
     loss.png                          the curves of metrics.jsonl (glm-ext plot; train writes it at the end)
     tensorboard/                      TensorBoard event files (with TrainConfig.tensorboard)
     latest                            the name of the newest complete checkpoint
+    best/                             a finetuning run's model at its best held-out value: a checkpoint
+                                      (glm_ext.checkpoint format, with tokenizer.json; the manifest's
+                                      metadata names the metric, its value and the step)
     checkpoints/step-00000400/
         model/                        glm_ext.checkpoint format (model.safetensors, config.json,
                                       manifest.json with the tokenizer's SHA-256 as metadata)
@@ -39,13 +43,14 @@ Guarantees (README "Reliability"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -68,9 +73,14 @@ from glm_ext.files import (
 )
 from glm_ext.model import GLMConfig, GLMModel
 
+if TYPE_CHECKING:
+    from glm_ext.tokenizer import GLMTokenizer
+
 __all__ = [
     "CHECKPOINTS_DIR",
+    "BEST_DIR",
     "CONFIG_FILE",
+    "FINETUNE_CONFIG_FILE",
     "LATEST_FILE",
     "LOCK_FILE",
     "LOSS_PLOT_FILE",
@@ -80,15 +90,19 @@ __all__ = [
     "STATE_FILE",
     "TENSORBOARD_DIR",
     "TOKENIZER_FILE",
+    "LoadedModel",
     "ResumeWarning",
     "RunDirectory",
     "RunDirectoryInUse",
     "check_tokenizer",
     "checkpoint_name",
+    "load_model",
     "resolve_model_source",
 ]
 
 CONFIG_FILE = "train_config.json"
+FINETUNE_CONFIG_FILE = "finetune_config.json"
+BEST_DIR = "best"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT_FILE = "loss.png"
 TENSORBOARD_DIR = "tensorboard"
@@ -99,7 +113,7 @@ MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
-RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE)  # written atomically in the root
+RUN_FILES = (CONFIG_FILE, FINETUNE_CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE, BEST_DIR)  # atomic, in the root
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
@@ -151,6 +165,10 @@ class RunDirectory:
     @property
     def tensorboard_dir(self) -> Path:
         return self.path / TENSORBOARD_DIR
+
+    @property
+    def best_dir(self) -> Path:
+        return self.path / BEST_DIR
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -273,6 +291,14 @@ class RunDirectory:
         optimizer = sorted(str(p.relative_to(staging)) for p in (staging / OPTIMIZER_DIR).rglob("*") if p.is_file())
         write_manifest(staging, [STATE_FILE, *optimizer])
 
+    def save_best(self, weights: dict[str, torch.Tensor], config: GLMConfig, tokenizer: GLMTokenizer,
+                  metadata: dict[str, Any]) -> None:
+        """Replaces ``best/`` atomically with the model (``weights`` of a ``config`` model), its
+        ``tokenizer`` and ``metadata`` (the metric, its value and the step) in the manifest."""
+        with self.lock():
+            save_checkpoint(weights, self.best_dir, config=config, tokenizer=tokenizer, overwrite=True,
+                            metadata=metadata)
+
     def _point_latest_at(self, checkpoint: Path) -> None:
         if self.latest_file.is_dir() and not self.latest_file.is_symlink():
             os.rmdir(self.latest_file)  # only an empty one: anything else stays (and the write fails)
@@ -389,3 +415,33 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None]:
     if step_dir is not None:
         return step_dir / MODEL_DIR, root / TOKENIZER_FILE
     raise FileNotFoundError(f"{path} is neither a training run (glm-ext train --output-dir) nor a checkpoint")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with its tokenizer, and where they were read from."""
+
+    model: GLMModel
+    tokenizer: GLMTokenizer
+    model_dir: Path
+    tokenizer_path: Path
+
+
+def load_model(path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """The model a user names (what ``glm-ext generate``, ``evaluate`` and ``finetune`` take): a run
+    directory (its newest checkpoint), a ``checkpoints/step-N`` directory or a checkpoint directory
+    (a run's ``best/``, ``glm-ext convert``'s output), with the tokenizer it carries, else the one
+    at ``tokenizer_path`` (which also overrides the carried one). A tokenizer other than the one the
+    model records it was trained with is refused. ``device``: as :func:`glm_ext.devices.resolve_device`."""
+    from glm_ext.devices import resolve_device
+    from glm_ext.tokenizer import GLMTokenizer
+
+    model_dir, carried = resolve_model_source(path)
+    tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else carried
+    if tokenizer_path is None:
+        raise FileNotFoundError(f"{path} is a checkpoint without a tokenizer.json: pass --tokenizer")
+    tokenizer = GLMTokenizer.from_file(tokenizer_path)
+    check_tokenizer(model_dir, tokenizer.sha256, str(tokenizer_path))
+    model = load_checkpoint(model_dir, map_location=resolve_device(str(device)))
+    return LoadedModel(model.eval(), tokenizer, model_dir, tokenizer_path)

@@ -20,6 +20,13 @@ it for all ranks). Rank 0 writes the model and the trainer state, every rank its
 SIGINT and SIGTERM stop :meth:`Trainer.fit` after the current step with a checkpoint, on every rank
 once any rank got one (:mod:`glm_ext.stopping`). Resuming restores everything that decides the next
 steps: a run of N steps and a run of k steps resumed for N - k more give the same weights.
+
+What is trained on is a :class:`TrainingTask`: the batches of a step, their loss, the held-out
+evaluation and the data state a checkpoint keeps. Pretraining is :class:`BlankInfillingTask` (the
+default); finetuning (:mod:`glm_ext.tasks.finetune`) passes its cloze or seq2seq task and the
+pretrained model to start from (``Trainer(config, task=..., init_from=...)``), and gets everything
+else (checkpoints, resume, stop signals, progress, metrics, torchrun) from the same trainer. A task
+with a ``best_metric`` also keeps the model of the best held-out value in ``RUN_DIR/best``.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args
 
 import numpy as np
 import torch
@@ -64,10 +71,12 @@ from glm_ext.stopping import StopSignals
 from glm_ext.tokenizer import GLMTokenizer
 
 __all__ = [
+    "BlankInfillingTask",
     "DTYPES",
     "OBJECTIVE_MIXES",
     "TrainConfig",
     "Trainer",
+    "TrainingTask",
     "config_field",
     "latest_checkpoint",
     "lr_at",
@@ -81,6 +90,7 @@ DTYPES: tuple[str, ...] = get_args(Dtype)
 Parallel = Literal["ddp", "fsdp"]
 DROPOUTS = ("embedding_dropout", "attention_dropout", "output_dropout")  # the GLMConfig fields TrainConfig.dropout sets
 EVAL_SEED = 1234  # the held-out batches are the same for every run and every seed
+HELD_OUT_PREFIXES = ("eval_", "dev_")  # the keys of held-out metrics (glm_ext.metrics)
 
 # Fields that decide which batches a run sees: a resumed run must keep them.
 _RESUME_FIXED = ("batch_size", "max_length", "seed", "objectives", "preset", "model_overrides")
@@ -317,6 +327,139 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------
+# What a run trains on
+
+
+class TrainingTask(Protocol):
+    """What a :class:`Trainer` trains on, besides the model and the optimizer. Every rank holds the
+    same task (same data, same state) and the trainer calls its methods on every rank in turn."""
+
+    #: ``(held-out metric, "max" or "min")``: the run keeps the model of the best value seen at an
+    #: evaluation in ``RUN_DIR/best`` (None: no such copy).
+    best_metric: tuple[str, str] | None
+
+    def next_batches(self, layout: StepLayout, device: torch.device) -> list[Any]:
+        """This rank's ``layout.grad_accum`` micro-batches of the next step (its share of the step's
+        ``layout.rows_per_step`` rows or examples), on ``device``. Each batch has a ``loss_mask``
+        whose nonzero entries are its loss units: the step loss is the mean over all units of the step."""
+
+    def forward(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """The model's output for a batch (logits; a cloze task's candidate scores)."""
+
+    def loss(self, output: torch.Tensor, batch: Any, normalizer: torch.Tensor) -> torch.Tensor:
+        """The sum of the batch's per-unit losses divided by ``normalizer`` (in float32 or wider)."""
+
+    def token_counts(self, batch: Any) -> tuple[torch.Tensor, int, int]:
+        """(real tokens, a scalar tensor on the batch's device; positions the model computes;
+        positions the batch would take as padded rows) for the throughput and padding metrics."""
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        """The held-out metrics of ``trainer``'s model (``eval_loss`` and others, see
+        :mod:`glm_ext.metrics`), or None without held-out data."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data state the next steps depend on (plain values; merged into the trainer state)."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` from a trainer state (ValueError when the checkpoint was made
+        with other task settings)."""
+
+
+class BlankInfillingTask:
+    """Pretraining, the :class:`Trainer`'s default task: the token file ``config.train_data`` as a
+    :class:`~glm_ext.data.PackedRowStream`, made into blank-infilling rows by a
+    :class:`~glm_ext.data.BlankInfillingCollator` (GLM_SPEC section 1), packed with
+    ``config.packing``; the loss is the mean cross-entropy over the step's Part B tokens; the held-out
+    loss and token accuracy over at most ``config.eval_batches`` batches of ``config.eval_data``."""
+
+    best_metric = None
+
+    def __init__(self, config: TrainConfig, tokenizer: GLMTokenizer) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.collator = self.build_collator(config.seed)
+        self.train_file = self.open_token_file(config.train_data)
+        self.stream = PackedRowStream(self.train_file, self.collator.input_length, seed=config.seed)
+        self.eval_file = self.open_token_file(config.eval_data) if config.eval_data else None
+        self._eval_batches: list[BlankInfillingBatch] | None = None
+
+    def build_collator(self, seed: int) -> BlankInfillingCollator:
+        return BlankInfillingCollator(self.tokenizer, self.config.max_length, config=self.config.objectives, seed=seed)
+
+    def open_token_file(self, prefix: str) -> TokenFile:
+        """The token file at ``prefix``, checked against the tokenizer."""
+        token_file = TokenFile(prefix)
+        if token_file.metadata.get("tokenizer_sha256") != self.tokenizer.sha256:
+            raise ValueError(
+                f"token file {prefix!r} was made with a different tokenizer than {self.config.tokenizer!r}"
+            )
+        return token_file
+
+    def next_batches(self, layout: StepLayout, device: torch.device) -> list[BlankInfillingBatch | PackedBatch]:
+        """This rank's micro-batches of the next step (:func:`~glm_ext.data.steps.next_step_batches`),
+        each packed into one row with ``packing``."""
+        batches = next_step_batches(self.stream, self.collator, layout)
+        if self.config.packing:
+            batches = [pack_batch(batch, pad_id=self.tokenizer.special_ids.pad) for batch in batches]
+        return [batch_to(batch, device) for batch in batches]
+
+    def forward(self, model: nn.Module, batch: BlankInfillingBatch | PackedBatch) -> torch.Tensor:
+        return batch_logits(model, batch)
+
+    def loss(self, logits: torch.Tensor, batch: BlankInfillingBatch | PackedBatch,
+             normalizer: torch.Tensor) -> torch.Tensor:
+        return lm_loss(logits, batch.targets, batch.loss_mask, normalizer=normalizer)
+
+    def token_counts(self, batch: BlankInfillingBatch | PackedBatch) -> tuple[torch.Tensor, int, int]:
+        return real_tokens(batch), batch.tokens.numel(), batch.sep.numel() * self.config.max_length
+
+    def eval_batches(self) -> list[BlankInfillingBatch]:
+        """The held-out batches (drawn once, the same for every evaluation): the eval token file's
+        rows in file order, at most ``eval_batches`` batches and about one pass over the file."""
+        if self.eval_file is None:
+            return []
+        if self._eval_batches is None:
+            collator = self.build_collator(EVAL_SEED)
+            stream = PackedRowStream(self.eval_file, collator.input_length, seed=EVAL_SEED, shuffle=False)
+            rows_in_file = math.ceil(self.eval_file.num_tokens / (collator.input_length - 1))
+            count = min(self.config.eval_batches, math.ceil(rows_in_file / self.config.batch_size))
+            self._eval_batches = [
+                collator([stream.next_row() for _ in range(self.config.batch_size)]) for _ in range(count)
+            ]
+        return self._eval_batches
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        """``eval_loss``, the mean cross-entropy over all Part B tokens of the held-out batches, and
+        ``eval_accuracy``, the share of them whose most likely prediction (teacher-forced) is the target."""
+        batches = self.eval_batches()
+        if not batches:
+            return None
+        sums = torch.zeros(2, dtype=torch.float64, device=trainer.device)  # loss * tokens, right tokens
+        count = 0
+        with Progress("held-out", len(batches), unit="batch", log=trainer.log, leave=False) as progress:
+            for batch in batches:
+                batch = batch.to(trainer.device)
+                tokens = int(batch.loss_mask.sum())
+                logits = trainer.logits(batch)
+                right = ((logits.argmax(-1) == batch.targets) & batch.loss_mask.bool()).sum()
+                sums += torch.stack([lm_loss(logits, batch.targets, batch.loss_mask).double() * tokens, right.double()])
+                count += tokens
+                progress.advance()
+        loss, right = (sums / max(count, 1)).tolist()
+        return {"eval_loss": loss, "eval_accuracy": right}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data_stream": self.stream.state_dict(), "collator": self.collator.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "data_stream" not in state:
+            raise ValueError("cannot resume: the checkpoint is not of a pretraining run (glm-ext finetune writes such "
+                             "checkpoints); choose another output directory")
+        self.stream.load_state_dict(state["data_stream"])
+        self.collator.load_state_dict(state["collator"])
+
+
+# --------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -324,7 +467,9 @@ class Trainer:
     """Trains a GLM as ``config`` says. ``log`` receives the progress lines (default: ``print``).
 
     ``Trainer(config).fit()`` trains from scratch; call :meth:`resume` first to continue the
-    newest checkpoint of ``config.output_dir``. The small steps are public so that scripts and
+    newest checkpoint of ``config.output_dir``. ``task`` is what it trains on (default: pretraining,
+    :class:`BlankInfillingTask`); ``init_from`` a model whose weights and architecture it starts from
+    instead of a fresh ``preset`` one (finetuning; ``dropout`` still applies). The small steps are public so that scripts and
     tests can drive them: :meth:`next_batches`, :meth:`train_step`, :meth:`evaluate`, :meth:`save`.
 
     In a process group (:func:`~glm_ext.distributed.init_distributed`, as ``glm-ext train`` under
@@ -332,7 +477,8 @@ class Trainer:
     :meth:`save`, :meth:`resume` and :meth:`fit` are collectives: every rank calls them in turn.
     """
 
-    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print) -> None:
+    def __init__(self, config: TrainConfig, *, log: Callable[[str], None] = print, task: TrainingTask | None = None,
+                 init_from: GLMModel | None = None) -> None:
         self.config = config
         self.log = log
         self.context = current_context(resolve_device(config.device))
@@ -347,11 +493,8 @@ class Trainer:
         self.run_dir = RunDirectory(config.output_dir)
         self.run_dir.check_writable()
         self.tokenizer = GLMTokenizer.from_file(config.tokenizer)
-        self.collator = self.build_collator(config.seed)
-        self.train_file = self.open_token_file(config.train_data)
-        self.stream = PackedRowStream(self.train_file, self.collator.input_length, seed=config.seed)
-        self.eval_file = self.open_token_file(config.eval_data) if config.eval_data else None
-        self._eval_batches: list[BlankInfillingBatch] | None = None
+        self.task: TrainingTask = task if task is not None else BlankInfillingTask(config, self.tokenizer)
+        self.init_from = init_from
         self.model = self.build_model()
         self.wrapped = self.parallelize(self.model)
         self.model_fn = torch.compile(self.wrapped) if config.compile else self.wrapped
@@ -360,6 +503,7 @@ class Trainer:
         self.tokens_seen = 0  # real tokens (no padding) of all ranks, up to the last step read back
         self.saved_step: int | None = None  # the step of the checkpoint that holds the current state
         self.history: list[dict[str, float]] = []  # per step: loss, lr, grad_norm, tokens, positions, ...
+        self.best: dict[str, Any] | None = None  # the task's best_metric: {"metric", "value", "step"} of RUN_DIR/best
         # ([loss, grad norm, real tokens] on the device, (positions, positions as padded rows), lr) of the
         # steps not yet read back; the counts are this rank's
         self._pending: list[tuple[torch.Tensor, tuple[int, int], float]] = []
@@ -370,19 +514,13 @@ class Trainer:
 
     # ----- building -----------------------------------------------------------------------------
 
-    def build_collator(self, seed: int) -> BlankInfillingCollator:
-        return BlankInfillingCollator(self.tokenizer, self.config.max_length, config=self.config.objectives, seed=seed)
-
-    def open_token_file(self, prefix: str) -> TokenFile:
-        """The token file at ``prefix``, checked against the tokenizer."""
-        token_file = TokenFile(prefix)
-        if token_file.metadata.get("tokenizer_sha256") != self.tokenizer.sha256:
-            raise ValueError(
-                f"token file {prefix!r} was made with a different tokenizer than {self.config.tokenizer!r}"
-            )
-        return token_file
-
     def model_config(self) -> GLMConfig:
+        if self.init_from is not None:
+            config = dataclasses.replace(self.init_from.config, **{name: self.config.dropout for name in DROPOUTS})
+            if config.vocab_size < self.tokenizer.vocab_size:
+                raise ValueError(f"the model's vocabulary ({config.vocab_size}) is smaller than the tokenizer's "
+                                 f"({self.tokenizer.vocab_size})")
+            return config
         config = GLMConfig.preset(self.config.preset, **{
             "vocab_size": self.tokenizer.padded_vocab_size, "position_encoding": self.config.position_encoding,
             **{name: self.config.dropout for name in DROPOUTS}, **self.config.model_overrides,
@@ -398,11 +536,13 @@ class Trainer:
         return config
 
     def build_model(self) -> GLMModel:
-        """A freshly initialised model (seeded by ``config.seed``: the same on every rank) on the
-        device, in the weight dtype."""
+        """A freshly initialised model (seeded by ``config.seed``: the same on every rank), or one
+        holding the weights of ``init_from``, on the device, in the weight dtype."""
         torch.manual_seed(self.config.seed)
         model = GLMModel(self.model_config(), attention_backend=self.config.attention_backend,
                          activation_checkpointing=self.config.activation_checkpointing)
+        if self.init_from is not None:
+            model.load_state_dict(self.init_from.state_dict())
         return model.to(device=self.device, dtype=self.param_dtype)
 
     def parallelize(self, model: GLMModel) -> nn.Module:
@@ -431,26 +571,24 @@ class Trainer:
         c = self.config
         return lr_at(step, lr=c.lr, warmup=c.warmup, total_steps=c.schedule_steps, min_lr=c.lr * c.min_lr_ratio)
 
-    def next_batches(self) -> list[BlankInfillingBatch | PackedBatch]:
+    def next_batches(self) -> list[Any]:
         """This rank's ``grad_accum`` micro-batches of the next step (its share of the step's
-        ``batch_size`` rows, :func:`~glm_ext.data.steps.next_step_batches`), each packed into one
-        row with ``packing``, on the device."""
-        batches = next_step_batches(self.stream, self.collator, self.layout)
-        if self.config.packing:
-            batches = [pack_batch(batch, pad_id=self.tokenizer.special_ids.pad) for batch in batches]
-        return [batch_to(batch, self.device) for batch in batches]
+        ``batch_size`` rows, :meth:`TrainingTask.next_batches`; pretraining: each packed into one
+        row with ``packing``), on the device."""
+        return self.task.next_batches(self.layout, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def logits(self, batch: BlankInfillingBatch | PackedBatch) -> torch.Tensor:
-        """The model's logits for a padded or packed batch, under the run's autocast."""
+    def logits(self, batch: Any) -> torch.Tensor:
+        """The model's output for a batch of the task (pretraining: the logits of a padded or packed
+        batch), under the run's autocast."""
         with self.autocast():
-            return batch_logits(self.model_fn, batch)
+            return self.task.forward(self.model_fn, batch)
 
-    def train_step(self, batches: list[BlankInfillingBatch | PackedBatch]) -> torch.Tensor:
+    def train_step(self, batches: list[Any]) -> torch.Tensor:
         """One optimizer step on this rank's micro-batches (:meth:`next_batches`): forward and backward
         of each with the loss averaged over the loss tokens of the whole step, the gradients reduced
         over ranks once (:func:`~glm_ext.distributed.accumulate_gradients`), clipping, and an AdamW
@@ -462,15 +600,16 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         self._seed_dropout()
-        loss = accumulate_gradients(self.wrapped, batches, forward=self.logits)
+        loss = accumulate_gradients(self.wrapped, batches, forward=self.logits, loss=self.task.loss)
         grad_norm = loss.new_full((), math.nan)
         if self.config.grad_clip > 0:
             grad_norm = clip_grad_norm(self.wrapped, self.config.grad_clip).detach()
         self.optimizer.step()
         self.step += 1
-        real = torch.stack([real_tokens(batch) for batch in batches]).sum()
-        positions = sum(batch.tokens.numel() for batch in batches)  # what the model computed, padding included
-        as_padded_rows = sum(batch.sep.numel() for batch in batches) * self.config.max_length
+        counts = [self.task.token_counts(batch) for batch in batches]
+        real = torch.stack([real for real, _, _ in counts]).sum()
+        positions = sum(p for _, p, _ in counts)  # what the model computed, padding included
+        as_padded_rows = sum(p for _, _, p in counts)
         self._pending.append((torch.stack([loss.double(), grad_norm.double(), real.double()]),
                               (positions, as_padded_rows), lr))
         return loss
@@ -509,44 +648,28 @@ class Trainer:
 
     # ----- evaluation ---------------------------------------------------------------------------
 
-    def eval_batches(self) -> list[BlankInfillingBatch]:
-        """The held-out batches (drawn once, the same for every evaluation): the eval token file's
-        rows in file order, at most ``eval_batches`` batches and about one pass over the file."""
-        if self.eval_file is None:
-            return []
-        if self._eval_batches is None:
-            collator = self.build_collator(EVAL_SEED)
-            stream = PackedRowStream(self.eval_file, collator.input_length, seed=EVAL_SEED, shuffle=False)
-            rows_in_file = math.ceil(self.eval_file.num_tokens / (collator.input_length - 1))
-            count = min(self.config.eval_batches, math.ceil(rows_in_file / self.config.batch_size))
-            self._eval_batches = [
-                collator([stream.next_row() for _ in range(self.config.batch_size)]) for _ in range(count)
-            ]
-        return self._eval_batches
-
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """The held-out metrics over all Part B tokens of the held-out batches (None without
-        ``eval_data``): ``eval_loss``, the mean cross-entropy, and ``eval_accuracy``, the share of
-        tokens whose most likely prediction (teacher-forced) is the target. Every rank evaluates
-        all batches (an FSDP2 forward pass is a collective)."""
-        batches = self.eval_batches()
-        if not batches:
-            return None
+        """The task's held-out metrics (None without held-out data; pretraining: ``eval_loss``, the
+        mean cross-entropy over all Part B tokens of the held-out batches, and ``eval_accuracy``,
+        the share of them whose most likely prediction is the target). Every rank evaluates all of
+        the held-out data (an FSDP2 forward pass is a collective)."""
         self.wrapped.eval()
-        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss * tokens, right tokens
-        count = 0
-        with Progress("held-out", len(batches), unit="batch", log=self.log, leave=False) as progress:
-            for batch in batches:
-                batch = batch.to(self.device)
-                tokens = int(batch.loss_mask.sum())
-                logits = self.logits(batch)
-                right = ((logits.argmax(-1) == batch.targets) & batch.loss_mask.bool()).sum()
-                sums += torch.stack([lm_loss(logits, batch.targets, batch.loss_mask).double() * tokens, right.double()])
-                count += tokens
-                progress.advance()
-        loss, right = (sums / max(count, 1)).tolist()
-        return {"eval_loss": loss, "eval_accuracy": right}
+        return self.task.evaluate(self)
+
+    def _keep_best(self, held_out: dict[str, float]) -> None:
+        """Writes the model to ``RUN_DIR/best`` when ``held_out`` holds the best value yet of the
+        task's ``best_metric`` (a collective: the whole model goes to rank 0)."""
+        if self.task.best_metric is None:
+            return
+        name, goal = self.task.best_metric
+        value = held_out[name]
+        if self.best is not None and not (value > self.best["value"] if goal == "max" else value < self.best["value"]):
+            return
+        self.best = {"metric": name, "value": value, "step": self.step}
+        weights = full_model_state_dict(self.wrapped)
+        on_main_process(lambda: self.run_dir.save_best(weights, self.model.config, self.tokenizer, self.best))
+        self._say(f"best {name} so far ({value:.4f}): the model is in {self.run_dir.best_dir}")
 
     # ----- saving and resuming ------------------------------------------------------------------
 
@@ -557,11 +680,11 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "data_stream": self.stream.state_dict(),
-            "collator": self.collator.state_dict(),
+            **self.task.state_dict(),
             "config": self.config.to_dict(),
             "history": self.history,
             "world_size": self.context.world_size,
+            **({"best": self.best} if self.best is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -581,9 +704,9 @@ class Trainer:
                       "the optimizer state are loaded (resharded); the data order stays the same (batch_size is the "
                       "global batch: every step trains on the rows and blanks it would have), only the rounding and "
                       "the dropout masks (drawn per process) differ")
-        self.stream.load_state_dict(state["data_stream"])
-        self.collator.load_state_dict(state["collator"])
+        self.task.load_state_dict(state)
         self.step = int(state["step"])
+        self.best = state.get("best")
         self.tokens_seen = int(state["tokens_seen"])
         self.history = list(state["history"])
         self._pending, self._log_window = [], []
@@ -703,6 +826,7 @@ class Trainer:
         held_out = self.evaluate() if evaluate else None
         if held_out is not None:
             record.update(held_out)
+            self._keep_best(held_out)
         if len(record) == 1:
             return None
         record["wall_time"] = time.time()
@@ -757,10 +881,11 @@ class Trainer:
         record = None
         with Progress("step", c.steps, initial=self.step, unit="step", log=self.log) as self._progress:
             try:
-                if evaluate_first and self.step == 0 and self.eval_file is not None:
-                    before = self.evaluate()
-                    summary.update(eval_loss_before=before["eval_loss"], eval_accuracy_before=before["eval_accuracy"])
+                before = self.evaluate() if evaluate_first and self.step == 0 else None
+                if before is not None:
+                    summary.update({f"{name}_before": value for name, value in before.items()})
                     self._say(held_out_line(self.step, before))
+                    self._keep_best(before)
                 start, tokens_then = time.perf_counter(), self.tokens_seen
                 self._window_start = start
                 window = max(1, c.log_every)
@@ -774,7 +899,7 @@ class Trainer:
                     evaluate = last or bool(c.eval_every and self.step % c.eval_every == 0)
                     save = bool(c.save_every and self.step % c.save_every == 0) and not last
                     if last or evaluate or save or (c.log_every and self.step % c.log_every == 0):
-                        record = self.log_metrics(evaluate=evaluate and self.eval_file is not None)
+                        record = self.log_metrics(evaluate=evaluate)
                     if save:
                         self._say(f"saved {self.save()}")
                 seconds = time.perf_counter() - start
@@ -795,11 +920,18 @@ class Trainer:
             seconds=seconds,
             tokens_per_second=(self.tokens_seen - tokens_then) / max(seconds, 1e-9),
         )
-        if record is not None and "eval_loss" in record:
-            summary.update(eval_loss=record["eval_loss"], eval_accuracy=record["eval_accuracy"])
+        if record is not None:
+            summary.update({name: value for name, value in record.items() if name.startswith(HELD_OUT_PREFIXES)})
+        if self.best is not None:
+            summary["best"] = self.best
         return summary
 
 
 def held_out_line(step: int, metrics: dict[str, float]) -> str:
-    """``held-out loss at step 40: 5.1234 | token accuracy 12.3%``."""
-    return f"held-out loss at step {step}: {metrics['eval_loss']:.4f} | token accuracy {metrics['eval_accuracy']:.1%}"
+    """``held-out loss at step 40: 5.1234 | token accuracy 12.3%``, then a task's own held-out
+    metrics (``dev_*``, percentages: ``| accuracy 71.20``)."""
+    parts = [f"held-out loss at step {step}: {metrics['eval_loss']:.4f}"]
+    if "eval_accuracy" in metrics:
+        parts.append(f"token accuracy {metrics['eval_accuracy']:.1%}")
+    parts += [f"{name.removeprefix('dev_')} {value:.2f}" for name, value in metrics.items() if name.startswith("dev_")]
+    return " | ".join(parts)

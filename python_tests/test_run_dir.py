@@ -18,7 +18,7 @@ from glm_ext import cli
 from glm_ext.checkpoint import load_checkpoint
 from glm_ext.devices import resolve_device
 from glm_ext.files import CorruptFileError
-from glm_ext.run_dir import ResumeWarning, RunDirectory, RunDirectoryInUse
+from glm_ext.run_dir import ResumeWarning, RunDirectory, RunDirectoryInUse, load_model
 from glm_ext.stopping import StopSignals
 from glm_ext.tokenizer import GLMTokenizer
 from glm_ext.training import Trainer
@@ -282,6 +282,30 @@ def test_generate_refuses_another_tokenizer_of_the_same_size(data, run, tmp_path
     err = capsys.readouterr().err
     assert "other.json is not the one" in err and "was trained with" in err
     assert cli.main([*args, "--tokenizer", str(data / "tokenizer.json")]) == 0
+
+
+def test_load_model_takes_the_tokenizer_a_model_carries_or_the_one_given(data, run, tmp_path, capsys):
+    """What generate, evaluate and finetune load: a run (its newest checkpoint and tokenizer.json), a
+    checkpoints/step-N directory, a checkpoint directory with or without a tokenizer.json of its own."""
+    newest = RunDirectory(run).latest_checkpoint()
+    expected = load_checkpoint(newest / "model").state_dict()
+    tokenizer_file = run / "tokenizer.json"
+    for source in (run, newest):
+        loaded = load_model(source)
+        assert loaded.model_dir == newest / "model" and loaded.tokenizer_path == tokenizer_file
+        assert not loaded.model.training and loaded.tokenizer.sha256 == GLMTokenizer.from_file(tokenizer_file).sha256
+        assert all(torch.equal(value, expected[key]) for key, value in loaded.model.state_dict().items())
+
+    bare = tmp_path / "bare"
+    subprocess.run(["cp", "-a", str(newest / "model"), str(bare)], check=True)
+    with pytest.raises(FileNotFoundError, match="checkpoint without a tokenizer.json: pass --tokenizer"):
+        load_model(bare)
+    assert load_model(bare, tokenizer_file).tokenizer_path == tokenizer_file
+    args = ["generate", str(bare), "The [MASK] statement.", "--max-new-tokens", "2"]
+    assert cli.main(args) == 1 and "pass --tokenizer" in capsys.readouterr().err
+    subprocess.run(["cp", str(tokenizer_file), str(bare / "tokenizer.json")], check=True)
+    assert load_model(bare).tokenizer_path == bare / "tokenizer.json"
+    assert cli.main(args) == 0  # the checkpoint carries its tokenizer: no --tokenizer
 
 
 def test_a_garbage_tokenizer_is_one_line(data, run, capsys):

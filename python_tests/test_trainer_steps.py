@@ -47,7 +47,7 @@ def test_gradients_are_clipped_to_the_configured_norm(data, tmp_path, grad_clip)
 
 def test_held_out_loss_weights_every_token_equally(data, tmp_path):
     trainer = Trainer(small_config(data, tmp_path, batch_size=3, eval_batches=4), log=quiet)
-    batches = trainer.eval_batches()
+    batches = trainer.task.eval_batches()
     counts = [int(b.loss_mask.sum()) for b in batches]
     assert len(batches) >= 2 and len(set(counts)) > 1, counts  # batches of unequal token counts
     total, means = 0.0, []

@@ -117,7 +117,7 @@ def test_resume_is_exact(data, tmp_path):
     assert [e["lr"] for e in second.history] == [e["lr"] for e in straight.history]
     for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
         assert a.dtype == torch.float64 and torch.equal(a, b), name
-    assert second.stream.state_dict() == straight.stream.state_dict()
+    assert second.task.stream.state_dict() == straight.task.stream.state_dict()
     saved = load_checkpoint(latest_checkpoint(tmp_path / "split") / "model")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), straight.model.state_dict().values()))
 

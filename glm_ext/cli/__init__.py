@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from glm_ext.cli import convert, demo, evaluate, generate, info, plot, prepare_data, train
+from glm_ext.cli import convert, demo, evaluate, finetune, generate, info, plot, prepare_data, train
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (info, prepare_data, train, plot, generate, evaluate, convert, demo)
+COMMANDS = (info, prepare_data, train, finetune, plot, generate, evaluate, convert, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

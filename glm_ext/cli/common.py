@@ -1,5 +1,6 @@
-"""What the subcommands share: reporting an expected failure as one line instead of a traceback,
-and warnings as one line too."""
+"""What the subcommands share: the MODEL argument and ``--tokenizer`` of the commands that load a
+model (:func:`add_model_arguments`, read by :func:`glm_ext.run_dir.load_model`), and reporting an
+expected failure as one line instead of a traceback, and warnings as one line too."""
 
 from __future__ import annotations
 
@@ -12,6 +13,17 @@ from collections.abc import Callable
 # installed, e.g. sentencepiece for the Chinese tokenizers): printed as one line.
 USER_ERRORS = (OSError, ValueError, FloatingPointError, ImportError)
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
+
+MODEL_HELP = ("a run directory (glm-ext train/finetune --output-dir: its newest checkpoint), a checkpoints/step-N "
+              "directory or a checkpoint directory (a run's best/, glm-ext convert's output); a checkpoint that "
+              "carries its tokenizer.json needs no --tokenizer")
+TOKENIZER_HELP = "tokenizer.json (default: the run's copy, or the one the checkpoint carries)"
+
+
+def add_model_arguments(parser, metavar: str = "MODEL") -> None:
+    """The positional ``model`` and ``--tokenizer`` (:func:`glm_ext.run_dir.load_model` reads them)."""
+    parser.add_argument("model", metavar=metavar, help=MODEL_HELP)
+    parser.add_argument("--tokenizer", help=TOKENIZER_HELP)
 
 
 def error(message: str, status: int = 1) -> int:

@@ -52,8 +52,7 @@ def _default(field: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _default_text(field: dataclasses.Field) -> str:
-    default = _default(field)
+def _default_text(field: dataclasses.Field, default: Any) -> str:
     if default is dataclasses.MISSING or default is None or default == {}:
         return ""
     if isinstance(default, bool):
@@ -97,14 +96,22 @@ def _nested_value(field: dataclasses.Field, nested: type, option: str, items: li
     return {**dataclasses.asdict(base), **changes}
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type) -> None:
-    """Adds one option per field of the dataclass ``cls`` (see the module docstring)."""
+def add_dataclass_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, *, exclude: tuple[str, ...] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """Adds one option per field of the dataclass ``cls`` (see the module docstring), but those
+    named in ``exclude``. ``defaults`` replaces the defaults the help shows (a command that fills
+    in other values; ``dataclasses.MISSING``: none shown)."""
     types_ = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.name in exclude:
+            continue
         tp = _without_none(types_[field.name])
         origin, args = typing.get_origin(tp), typing.get_args(tp)
         names = [option_name(field), *field.metadata.get("aliases", ())]
-        help_text = (field.metadata.get("help", "") + _default_text(field)).replace("%", "%%")
+        default = (defaults or {}).get(field.name, _default(field))
+        help_text = (field.metadata.get("help", "") + _default_text(field, default)).replace("%", "%%")
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": help_text}
         if "metavar" in field.metadata:
             kwargs["metavar"] = field.metadata["metavar"]

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from glm_ext.cli.common import error, reports_errors
+from glm_ext.cli.common import add_model_arguments, error, reports_errors
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -59,9 +59,7 @@ def add_parser(commands) -> None:
         description="Fills every [MASK], [sMASK] and [gMASK] of each context, in text order (GLM_SPEC 5).",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("model", metavar="RUN_OR_CHECKPOINT",
-                        help="a run directory (glm-ext train --output-dir), a checkpoints/step-N directory "
-                             "or a checkpoint (then with --tokenizer)")
+    add_model_arguments(parser, metavar="RUN_OR_CHECKPOINT")
     parser.add_argument("text", metavar="TEXT", nargs="*", help="contexts holding one or more mask tokens")
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", metavar="FILE", help="contexts, one per line (text or JSONL); - reads stdin")
@@ -74,7 +72,6 @@ def add_parser(commands) -> None:
     io.add_argument("--special-tokens-as-text", action="store_true",
                     help="read special-token texts typed in a context ([CLS], <|endofpiece|>, ...) as plain "
                          "text; [MASK], [sMASK] and [gMASK] still mark blanks")
-    io.add_argument("--tokenizer", help="tokenizer.json (default: the run's copy)")
     decoding = parser.add_argument_group("decoding (an option left out keeps the --preset's or the default value)")
     decoding.add_argument("--preset", choices=sorted(GENERATION_PRESETS),
                           help="the authors' decoding settings of a finetuning task")
@@ -117,24 +114,6 @@ def _allow_options_before_texts(parser: argparse.ArgumentParser) -> None:
             parser.parse_known_args = parse_known_args
 
     parser.parse_known_args = parse_known_args
-
-
-def load_for_generation(path: str, tokenizer_path: str | None, device: str):
-    """(model in eval mode, tokenizer) from a run directory, a checkpoints/step-N directory or a
-    checkpoint; a tokenizer other than the one the run recorded is refused."""
-    from glm_ext.checkpoint import load_checkpoint
-    from glm_ext.run_dir import check_tokenizer, resolve_model_source
-    from glm_ext.tokenizer import GLMTokenizer
-    from glm_ext.training import resolve_device
-
-    model_dir, default_tokenizer = resolve_model_source(path)
-    tokenizer_path = tokenizer_path or default_tokenizer
-    if tokenizer_path is None:
-        raise FileNotFoundError(f"{path} is a bare checkpoint: pass --tokenizer")
-    tokenizer = GLMTokenizer.from_file(tokenizer_path)
-    check_tokenizer(model_dir, tokenizer.sha256, tokenizer_path)
-    model = load_checkpoint(model_dir, map_location=resolve_device(device))
-    return model.eval(), tokenizer
 
 
 def _one_line(text: str) -> str:
@@ -319,6 +298,7 @@ def _interactive(model, tokenizer, config, args) -> int:
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     from glm_ext.generation import prepare_context
+    from glm_ext.run_dir import load_model
 
     if args.batch_size < 1:
         return error(f"--batch-size must be at least 1, got {args.batch_size}", 2)
@@ -331,7 +311,8 @@ def run(args: argparse.Namespace) -> int:
         return error(f"--output {args.output} exists; pass --overwrite to replace it", 2)
     contexts = [] if args.interactive else _read_contexts(args)
 
-    model, tokenizer = load_for_generation(args.model, args.tokenizer, args.device)
+    loaded = load_model(args.model, args.tokenizer, args.device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     if args.interactive:
         return _interactive(model, tokenizer, config, args)
     ids = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
 
 from glm_ext.cli.common import error, reports_errors
 from glm_ext.cli.config_options import add_dataclass_options, option_values, read_config_file
@@ -75,15 +76,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(config) -> int:
+    from glm_ext.training import Trainer
+
+    run_trainer(Trainer(config), f"{config.batch_size} x {config.max_length} tokens a step")
+    return 0
+
+
+def run_trainer(trainer, per_step: str, *, after_resume: Callable[[], None] | None = None) -> dict:
+    """What ``train`` and ``finetune`` do with a trainer: resume the newest checkpoint of its run,
+    say what it trains (``per_step``: what a step takes), ``after_resume()``, train, plot the
+    curves. Returns the summary of :meth:`Trainer.fit`."""
     from glm_ext.plot import plot_runs
     from glm_ext.progress import is_main_process
     from glm_ext.run_dir import RunDirectory
-    from glm_ext.training import Trainer
 
+    config = trainer.config
     say = print if is_main_process() else (lambda line: None)
-    trainer = Trainer(config)
     if trainer.resume():
         say(f"resumed {config.output_dir} at step {trainer.step}")
+    if after_resume is not None:
+        after_resume()
     if trainer.step < config.steps:
         parameters = sum(p.numel() for p in trainer.model.parameters())
         layout = trainer.layout
@@ -91,9 +103,9 @@ def _train(config) -> int:
             f", {layout.grad_accum} micro-batches of {layout.micro_batch_size} rows per process"
             if layout.grad_accum > 1 else "")
         say(f"training {parameters:,} parameters ({trainer.model.config}) on {trainer.device} from step "
-            f"{trainer.step} to {config.steps}, {config.batch_size} x {config.max_length} tokens a step{shared}")
+            f"{trainer.step} to {config.steps}, {per_step}{shared}")
     summary = trainer.fit()
     if not summary["complete"] and is_main_process():
         plot = plot_runs([config.output_dir], RunDirectory(config.output_dir).loss_plot_file)
         say(f"done: step {summary['step']}, checkpoint {summary['checkpoint']}, curves {plot}")
-    return 0
+    return summary

@@ -11,9 +11,13 @@ module             what it holds
 ``superglue``      BoolQ, CB, COPA, RTE, WiC, WSC, MultiRC, ReCoRD: the authors' patterns,
                    verbalizers and metrics
 ``custom``         cloze tasks from a pattern string or function and a verbalizer
-``metrics``        accuracy, F1, macro-F1, MultiRC EM, SQuAD-style EM/F1 (percentages)
+``metrics``        accuracy, F1, macro-F1, MultiRC EM, SQuAD-style EM/F1, ROUGE (percentages)
 ``language_model`` perplexity with overlapping windows, LAMBADA-style last-word accuracy
-``seq2seq``        seq2seq source/target layouts and the label-smoothed loss
+``seq2seq``        seq2seq source/target layouts, the label-smoothed loss, beam-search evaluation
+                   with ROUGE (``evaluate_seq2seq``)
+``seq2seq_data``   seq2seq data files: the authors' CNN/DailyMail, Gigaword, XSum and SQuAD
+                   layouts, and JSON lines
+``finetune``       cloze and seq2seq finetuning as tasks of the trainer (``glm-ext finetune``)
 =================  ==============================================================================
 
 :func:`cloze_task` resolves a task by name (as ``glm-ext evaluate cloze --task`` does).

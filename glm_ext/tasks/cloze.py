@@ -78,6 +78,7 @@ __all__ = [
     "ClozeTask",
     "EncodedCloze",
     "SharedContextCache",
+    "TRAINING_LOSSES",
     "Text",
     "build_cloze_batch",
     "candidate_scores",
@@ -302,12 +303,29 @@ def candidate_scores(
     return CandidateScores(matrix, greedy)
 
 
-def cloze_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+#: ``ClozeTask.training_loss`` values (:func:`cloze_loss`).
+TRAINING_LOSSES = ("cross_entropy", "mix")
+
+
+def cloze_loss(scores: torch.Tensor, targets: torch.Tensor, kind: str = "cross_entropy", *,
+               weights: torch.Tensor | None = None, normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
     """The authors' cloze finetuning loss: cross-entropy of ``targets [E]`` over the candidate
-    scores ``[E, C]`` (absent candidates are -inf), in float32."""
+    scores ``[E, C]`` (absent candidates are -inf), in float32 (float64 for float64 scores); with
+    ``kind="mix"`` plus ``-scores[e, targets[e]]`` per example (the authors' WSC loss). The mean
+    over the examples, or with ``weights [E]`` and ``normalizer`` the weighted sum divided by
+    ``normalizer`` (a training step's share, :class:`glm_ext.distributed.StepLoss`)."""
+    if kind not in TRAINING_LOSSES:
+        raise ValueError(f"kind must be one of {', '.join(TRAINING_LOSSES)}, got {kind!r}")
     if (targets < 0).any():
         raise ValueError("cloze_loss needs the target candidate of every example (a labelled file)")
-    return F.cross_entropy(scores.float(), targets)
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))
+    losses = F.cross_entropy(scores, targets, reduction="none")
+    if kind == "mix":
+        losses = losses - scores.gather(1, targets[:, None])[:, 0]
+    if weights is None:
+        return losses.mean()
+    total = (losses * weights.to(losses.dtype)).sum()
+    return total / (weights.sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 def cloze_forward(model: nn.Module, batch: ClozeBatch, length_penalty: float = 0.0) -> CandidateScores:
@@ -470,7 +488,13 @@ class ClozeTask:
     """A cloze task: ``examples(record)`` turns one JSON record into examples (MultiRC: one per
     answer), ``decide(example, result)`` picks the predicted label value, ``metrics(examples,
     predictions)`` scores the labelled examples. ``multi_token`` and ``length_penalty`` as in
-    :func:`score_cloze` (the authors' settings per task)."""
+    :func:`score_cloze` (the authors' settings per task).
+
+    Finetuning: ``training_examples(record)`` (default: ``examples``) are the examples a training
+    file gives, where the authors train on other ones than they evaluate (COPA's mirrored choices,
+    ReCoRD's one example per answer, WSC's filter); ``training_loss`` is ``"cross_entropy"`` over
+    the candidate scores, or ``"mix"``, that plus the negated score of the right candidate (the
+    authors' WSC loss; the only signal where an example has one candidate)."""
 
     name: str
     examples: Callable[[Record], list[ClozeExample]]
@@ -478,10 +502,18 @@ class ClozeTask:
     multi_token: bool | None = None
     length_penalty: float = 0.0
     decide: Callable[[ClozeExample, ClozeResult], Any] = best_choice
+    training_examples: Callable[[Record], list[ClozeExample]] | None = None
+    training_loss: str = "cross_entropy"
 
-    def read(self, path: str | os.PathLike) -> list[ClozeExample]:
-        """The examples of a JSON-lines file (errors name the file, line and field)."""
-        return [example for record in read_jsonl(path) for example in self.examples(record)]
+    def __post_init__(self) -> None:
+        if self.training_loss not in TRAINING_LOSSES:
+            raise ValueError(f"training_loss must be one of {', '.join(TRAINING_LOSSES)}, got {self.training_loss!r}")
+
+    def read(self, path: str | os.PathLike, *, training: bool = False) -> list[ClozeExample]:
+        """The examples of a JSON-lines file (errors name the file, line and field); with
+        ``training``, the ``training_examples``."""
+        make = (self.training_examples or self.examples) if training else self.examples
+        return [example for record in read_jsonl(path) for example in make(record)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,11 @@ all reported as percentages (0..100).
   counts), after SQuAD's normalisation: lower case, accents removed (the authors use
   ``unidecode``; here Unicode decomposition, the same for accented Latin letters), punctuation
   and the articles a/an/the dropped, whitespace collapsed. Used by ReCoRD.
+* :func:`rouge`: ROUGE-1, ROUGE-2 and ROUGE-L F-measures with the ``rouge-score`` package, as the
+  authors' seq2seq evaluation (``tasks/seq2seq/evaluate.py``) calls it: Porter stemming, ROUGE-L
+  over sentences ("rougeLsum", each text split into sentences at ``[SEP]`` and line breaks). The
+  authors' CNN/DailyMail post-processing of predictions (re-tokenising, dropping sentences of four
+  words or fewer and near-duplicates) is not applied.
 """
 
 from __future__ import annotations
@@ -20,7 +25,12 @@ from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-__all__ = ["accuracy", "f1", "macro_f1", "multirc_exact_match", "normalize_answer", "squad_exact_match", "squad_f1"]
+__all__ = [
+    "accuracy", "f1", "macro_f1", "multirc_exact_match", "normalize_answer", "rouge", "squad_exact_match", "squad_f1",
+]
+
+#: Our names of the ROUGE scores -> rouge-score's.
+ROUGE_TYPES = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rougeLsum"}
 
 
 def _check_lengths(predictions: Sequence[Any], labels: Sequence[Any]) -> None:
@@ -99,3 +109,25 @@ def squad_exact_match(predictions: Sequence[str], truths: Sequence[Sequence[str]
 def squad_f1(predictions: Sequence[str], truths: Sequence[Sequence[str]]) -> float:
     """Mean over examples of the best token-level F1 against its ground truths."""
     return _best_over_truths(_token_f1, predictions, truths)
+
+
+def _sentences(text: str) -> str:
+    """The sentences of a text (split at ``[SEP]`` and line breaks), one a line (rougeLsum's input)."""
+    pieces = [piece.strip() for line in text.split("[SEP]") for piece in line.splitlines()]
+    return "\n".join(piece for piece in pieces if piece)
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """``rouge1``, ``rouge2``, ``rougeL``: the mean F-measure over the examples (module docstring)."""
+    _check_lengths(predictions, references)
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError as exc:
+        raise ImportError("ROUGE needs the rouge-score package: pip install rouge-score") from exc
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES.values()), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(_sentences(reference), _sentences(prediction))
+        for name, kind in ROUGE_TYPES.items():
+            totals[name] += scores[kind].fmeasure
+    return {name: 100.0 * total / len(predictions) for name, total in totals.items()}

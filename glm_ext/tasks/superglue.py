@@ -26,13 +26,20 @@ is predicted ``True`` when ``span1_text`` wins; without one (SuperGLUE's own fil
 ``True`` when ``span1_text`` is the greedy decoding of the blank (the authors' generative check).
 ReCoRD: one example per query, its candidates every entity of the passage, ``@highlight`` lines
 turned into ``- `` items, EM/F1 of the chosen entity against the answers. MultiRC: one example
-per answer; EM is per question. Finetuning-only data choices of the authors (COPA's mirrored
-choices, ReCoRD's one example per answer with sampled negatives, WSC's training filter) belong
-to phase 2.
+per answer; EM is per question.
+
+Training files (``ClozeTask.read(path, training=True)``) give the examples the authors finetune on
+(``tasks/superglue/dataset.py``): COPA adds each record mirrored (the two choices swapped, the
+label flipped); ReCoRD gives one example per distinct answer of a query, its candidates that answer
+and at most ``RECORD_TRAIN_NEGATIVES`` other entities (drawn at random, seeded by the record's
+line, when there are more); WSC keeps only the records labelled True (the right referent is
+``span1_text``), splits a longer ``candidates`` list into examples of ``WSC_TRAIN_CANDIDATES``
+(the last one topped up from the start of the list) and trains with the authors' "mix" loss.
 """
 
 from __future__ import annotations
 
+import random
 import string
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,12 +49,15 @@ from glm_ext.tasks.metrics import accuracy, f1, macro_f1, multirc_exact_match, s
 from glm_ext.tasks.records import Record
 
 __all__ = [
-    "DEFAULT_PATTERNS", "SUPERGLUE_TASKS", "boolq", "cb", "copa", "multirc", "record", "rte", "superglue_task", "wic",
+    "DEFAULT_PATTERNS", "RECORD_TRAIN_NEGATIVES", "SUPERGLUE_TASKS", "WSC_TRAIN_CANDIDATES", "boolq", "cb", "copa", "multirc", "record", "rte", "superglue_task", "wic",
     "wsc",
 ]
 
 #: The pattern of the authors' finetuning scripts (THUDM/GLM ``config_tasks/task_*.sh``).
 DEFAULT_PATTERNS = {"boolq": 4, "cb": 3, "copa": 0, "rte": 0, "wic": 1, "wsc": 2, "multirc": 0, "record": 0}
+#: The authors' training examples: ReCoRD's wrong entities per answer, WSC's wrong candidates per example.
+RECORD_TRAIN_NEGATIVES = 9
+WSC_TRAIN_CANDIDATES = 9
 
 _STANDARD_PUNCTUATION = {"\u201c": '"', "\u201d": '"', "\u2019": "'", "\u2018": "'", "\u2013": "-"}
 
@@ -230,7 +240,13 @@ def copa(pattern_id: int = DEFAULT_PATTERNS["copa"]) -> ClozeTask:
         label = _label(record, "label", lambda v: v, (0, 1))
         return [_example(record, parts, (0, 1), [" " + c for c in choices], label)]
 
-    return ClozeTask("copa", examples, _accuracy_metrics, multi_token=True)
+    def training_examples(record: Record) -> list[ClozeExample]:
+        mirrored = {**record.data, "choice1": record.data.get("choice2"), "choice2": record.data.get("choice1")}
+        if isinstance(record.data.get("label"), int):
+            mirrored["label"] = 1 - record.data["label"]
+        return examples(record) + examples(record.child(mirrored))
+
+    return ClozeTask("copa", examples, _accuracy_metrics, multi_token=True, training_examples=training_examples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,35 +275,57 @@ def wsc(pattern_id: int = DEFAULT_PATTERNS["wsc"]) -> ClozeTask:
     _check_pattern("wsc", pattern_id, 3)
     labels = ("False", "True")
 
-    def examples(record: Record) -> list[ClozeExample]:
+    def parts(record: Record):
         text, pronoun = _marked_text(record)
         question = {
             0: f" The pronoun '*{pronoun}*' refers to",
             1: f" In the previous sentence, the pronoun '*{pronoun}*' refers to",
             2: f" Question: In the passage above, what does the pronoun '*{pronoun}*' refer to?",
         }[pattern_id]
-        parts = [_short(text), Text(question), *([Text(" Answer:")] if pattern_id == 2 else []), BLANK, Text(".")]
+        pattern = [_short(text), Text(question), *([Text(" Answer:")] if pattern_id == 2 else []), BLANK, Text(".")]
         target = record.field("target", "span1_text", kind=str)
-        others: list[str] = []
-        if record.has("candidates"):
-            for i, candidate in enumerate(record.field("candidates", kind=list)):
-                name = candidate.get("text") if isinstance(candidate, dict) else candidate
-                if not isinstance(name, str):
-                    raise record.error(f"field 'candidates.{i}' must be a string or an object with a 'text'")
-                if name not in others:
-                    others.append(name)
-        candidates = [" " + target] + [" " + c for c in others]
         label = _label(record, "label", str, labels)
-        return [ClozeExample(
-            parts_a=tuple(parts), candidates=tuple(candidates), choices=tuple(range(len(candidates))), label=label,
+        return pattern, target, _wsc_candidates(record), label
+
+    def example(record: Record, pattern, target: str, others: list[str], label) -> ClozeExample:
+        candidates = [" " + target] + [" " + c for c in others]
+        return ClozeExample(
+            parts_a=tuple(pattern), candidates=tuple(candidates), choices=tuple(range(len(candidates))), label=label,
             target=0, meta={"generative": not record.has("candidates")}, source=record.where,
-        )]
+        )
+
+    def examples(record: Record) -> list[ClozeExample]:
+        return [example(record, *parts(record))]
+
+    def training_examples(record: Record) -> list[ClozeExample]:
+        pattern, target, others, label = parts(record)
+        if label != "True":
+            return []
+        if len(others) <= WSC_TRAIN_CANDIDATES:
+            return [example(record, pattern, target, others, label)]
+        chunks = [others[i : i + WSC_TRAIN_CANDIDATES] for i in range(0, len(others), WSC_TRAIN_CANDIDATES)]
+        chunks[-1] += others[: WSC_TRAIN_CANDIDATES - len(chunks[-1])]
+        return [example(record, pattern, target, chunk, label) for chunk in chunks]
 
     def decide(example: ClozeExample, result: ClozeResult) -> str:
         right = result.greedy[0] if example.meta["generative"] else result.best == 0
         return "True" if right else "False"
 
-    return ClozeTask("wsc", examples, _accuracy_metrics, multi_token=True, length_penalty=1.0, decide=decide)
+    return ClozeTask("wsc", examples, _accuracy_metrics, multi_token=True, length_penalty=1.0, decide=decide,
+                     training_examples=training_examples, training_loss="mix")
+
+
+def _wsc_candidates(record: Record) -> list[str]:
+    """The distinct texts of a WSC record's ``candidates`` (the authors' WSC-negative files), in order."""
+    others: list[str] = []
+    if record.has("candidates"):
+        for i, candidate in enumerate(record.field("candidates", kind=list)):
+            name = candidate.get("text") if isinstance(candidate, dict) else candidate
+            if not isinstance(name, str):
+                raise record.error(f"field 'candidates.{i}' must be a string or an object with a 'text'")
+            if name not in others:
+                others.append(name)
+    return others
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +379,8 @@ def multirc(pattern_id: int = DEFAULT_PATTERNS["multirc"]) -> ClozeTask:
 def record(pattern_id: int = DEFAULT_PATTERNS["record"]) -> ClozeTask:
     _check_pattern("record", pattern_id, 1)
 
-    def examples(item: Record) -> list[ClozeExample]:
+    def queries(item: Record):
+        """(pattern parts, the passage's entities sorted, the answers or None) of each query."""
         raw = item.field("passage", "text", kind=str)
         text = standardize(raw)
         entities = set()
@@ -351,7 +390,6 @@ def record(pattern_id: int = DEFAULT_PATTERNS["record"]) -> ClozeTask:
             entities.add(standardize(raw[start : end + 1]))
         entities_sorted = sorted(entities)
         text = text.replace("@highlight\n", "- ")
-        result = []
         for q, _ in enumerate(item.field("qas", kind=list)):
             query = standardize(item.field("qas", q, "query", kind=str))
             if "@placeholder" not in query:
@@ -361,19 +399,35 @@ def record(pattern_id: int = DEFAULT_PATTERNS["record"]) -> ClozeTask:
             if item.has("qas") and "answers" in item.data["qas"][q]:
                 answers = sorted({standardize(item.field("qas", q, "answers", a, "text", kind=str))
                                   for a in range(len(item.field("qas", q, "answers", kind=list)))})
-            target = next((i for i, e in enumerate(entities_sorted) if answers and e in answers), None)
-            result.append(ClozeExample(
-                parts_a=(_short(text), Text(" " + before.rstrip()), BLANK, Text(after)),
-                candidates=tuple(" " + e for e in entities_sorted), choices=tuple(entities_sorted), label=answers,
-                target=target, meta={"answers": answers or []}, source=item.where,
-            ))
+            yield (_short(text), Text(" " + before.rstrip()), BLANK, Text(after)), entities_sorted, answers
+
+    def example(item: Record, pattern, candidates: Sequence[str], answers: list[str] | None) -> ClozeExample:
+        target = next((i for i, e in enumerate(candidates) if answers and e in answers), None)
+        return ClozeExample(parts_a=pattern, candidates=tuple(" " + e for e in candidates), choices=tuple(candidates),
+                            label=answers, target=target, meta={"answers": answers or []}, source=item.where)
+
+    def examples(item: Record) -> list[ClozeExample]:
+        return [example(item, parts, entities, answers) for parts, entities, answers in queries(item)]
+
+    def training_examples(item: Record) -> list[ClozeExample]:
+        shuffler = random.Random(item.line)
+        result = []
+        for parts, entities, answers in queries(item):
+            if not answers:
+                raise item.error("a ReCoRD training record needs the answers of every query")
+            for answer in answers:
+                wrong = [e for e in entities if e not in answers]
+                if len(wrong) > RECORD_TRAIN_NEGATIVES:
+                    shuffler.shuffle(wrong)
+                    wrong = wrong[:RECORD_TRAIN_NEGATIVES]
+                result.append(example(item, parts, [answer, *wrong], [answer]))
         return result
 
     def metrics(examples: Sequence[ClozeExample], predictions: Sequence[Any]) -> dict[str, float]:
         truths = [x.meta["answers"] for x in examples]
         return {"em": squad_exact_match(predictions, truths), "f1": squad_f1(predictions, truths)}
 
-    return ClozeTask("record", examples, metrics, multi_token=True)
+    return ClozeTask("record", examples, metrics, multi_token=True, training_examples=training_examples)
 
 
 #: Task name -> factory taking ``pattern_id`` (default: the authors' finetuning choice).

@@ -634,14 +634,18 @@ class GLMModel(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         logits_index: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` (packed: ``[T, vocab]``).
 
         With ``kv_cache`` the inputs are the new tokens only; ``sep`` is that of the whole sequence.
         ``logits_index [B]`` (padded rows only): the logits of that one position of each row,
-        ``[B, vocab]`` (decoding reads only each row's last token).
+        ``[B, vocab]`` (decoding reads only each row's last token). ``logits_mask`` (bool, the shape
+        of ``input_ids``): the logits of the selected positions only, ``[N, vocab]`` in row-major
+        order (training reads only the Part B positions: the output layer and its softmax cost
+        nothing for the others).
         """
-        _check_shapes(input_ids, position_ids, sep, cu_seqlens, kv_cache, logits_index)
+        _check_shapes(input_ids, position_ids, sep, cu_seqlens, kv_cache, logits_index, logits_mask)
         seq_q = input_ids.shape[-1]
         seq_k = seq_q + (kv_cache.length if kv_cache is not None else 0)
         query_offsets = kv_cache.query_offsets(input_ids.device) if kv_cache is not None else None
@@ -667,6 +671,8 @@ class GLMModel(nn.Module):
             kv_cache.advance(seq_q)
         if logits_index is not None:
             hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
+        elif logits_mask is not None:
+            hidden = hidden[logits_mask]
         hidden = self.transformer.final_layernorm(hidden)
         return F.linear(hidden, self.word_embeddings.weight)
 
@@ -705,6 +711,7 @@ def _check_shapes(
     cu_seqlens: torch.Tensor | None,
     kv_cache: KVCache | None,
     logits_index: torch.Tensor | None = None,
+    logits_mask: torch.Tensor | None = None,
 ) -> None:
     """Types, dtypes, shapes and devices (no host synchronisation)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INDEX_DTYPES:
@@ -715,6 +722,14 @@ def _check_shapes(
         raise ValueError(f"input_ids must have the shape {layout}, got {list(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids must hold at least one token, got the shape {list(input_ids.shape)}")
+    if logits_mask is not None:
+        if logits_index is not None:
+            raise ValueError("give logits_index or logits_mask, not both")
+        if not isinstance(logits_mask, torch.Tensor) or logits_mask.dtype != torch.bool:
+            raise TypeError(f"logits_mask must be a bool tensor, got {getattr(logits_mask, 'dtype', logits_mask)}")
+        if logits_mask.shape != input_ids.shape or logits_mask.device != input_ids.device:
+            raise ValueError(f"logits_mask must have the shape {list(input_ids.shape)} and the device of input_ids "
+                             f"({input_ids.device}), got {list(logits_mask.shape)} on {logits_mask.device}")
     if packed:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
             raise TypeError(f"cu_seqlens must be an int32 tensor, got {getattr(cu_seqlens, 'dtype', cu_seqlens)}")

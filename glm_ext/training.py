@@ -48,7 +48,8 @@ from torch import nn
 
 from glm_ext.data import BlankInfillingBatch, BlankInfillingCollator, BlankInfillingConfig, PackedRowStream, TokenFile
 from glm_ext.data.collate import PackedBatch
-from glm_ext.data.steps import StepLayout, batch_logits, batch_to, next_step_batches, pack_batch, real_tokens
+from glm_ext.data.steps import (
+    StepLayout, batch_logits, batch_to, loss_targets, next_step_batches, pack_batch, real_tokens)
 from glm_ext.devices import resolve_device
 from glm_ext.distributed import (
     accumulate_gradients,
@@ -404,11 +405,13 @@ class BlankInfillingTask:
         return [batch_to(batch, device) for batch in batches]
 
     def forward(self, model: nn.Module, batch: BlankInfillingBatch | PackedBatch) -> torch.Tensor:
-        return batch_logits(model, batch)
+        """The logits of the Part B positions only (``[N, vocab]``)."""
+        return batch_logits(model, batch, loss_positions_only=True)
 
     def loss(self, logits: torch.Tensor, batch: BlankInfillingBatch | PackedBatch,
              normalizer: torch.Tensor) -> torch.Tensor:
-        return lm_loss(logits, batch.targets, batch.loss_mask, normalizer=normalizer)
+        targets, weights = loss_targets(batch)
+        return lm_loss(logits, targets, weights, normalizer=normalizer)
 
     def token_counts(self, batch: BlankInfillingBatch | PackedBatch) -> tuple[torch.Tensor, int, int]:
         return real_tokens(batch), batch.tokens.numel(), batch.sep.numel() * self.config.max_length
@@ -441,8 +444,9 @@ class BlankInfillingTask:
                 batch = batch.to(trainer.device)
                 tokens = int(batch.loss_mask.sum())
                 logits = trainer.logits(batch)
-                right = ((logits.argmax(-1) == batch.targets) & batch.loss_mask.bool()).sum()
-                sums += torch.stack([lm_loss(logits, batch.targets, batch.loss_mask).double() * tokens, right.double()])
+                targets, weights = loss_targets(batch)
+                right = (logits.argmax(-1) == targets).sum()
+                sums += torch.stack([lm_loss(logits, targets, weights).double() * tokens, right.double()])
                 count += tokens
                 progress.advance()
         loss, right = (sums / max(count, 1)).tolist()
@@ -583,8 +587,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def logits(self, batch: Any) -> torch.Tensor:
-        """The model's output for a batch of the task (pretraining: the logits of a padded or packed
-        batch), under the run's autocast."""
+        """The model's output for a batch of the task (pretraining: the logits of the batch's Part B
+        positions), under the run's autocast."""
         with self.autocast():
             return self.task.forward(self.model_fn, batch)
 

@@ -335,6 +335,37 @@ def test_padded_and_packed_give_the_same_logits(encoding, attention, embedding):
     torch.testing.assert_close(packed, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_logits_mask_gives_the_selected_positions_logits_and_their_gradients():
+    config = small_config()
+    model = random_model(config)
+    ids, positions, sep = random_inputs(config, batch=3, seq=10)
+    mask = torch.rand(3, 10) < 0.3
+    mask[0, 0] = True
+    full = model(ids, positions, sep)
+    selected = model(ids, positions, sep, logits_mask=mask)
+    assert selected.shape == (int(mask.sum()), config.vocab_size)
+    torch.testing.assert_close(selected, full[mask], rtol=1e-12, atol=1e-12)
+
+    # the same gradients as the loss over the full logits restricted to those positions
+    targets = torch.randint(0, config.vocab_size, (3, 10))
+    lm_loss(selected, targets[mask], torch.ones(int(mask.sum()), dtype=torch.float64)).backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    lm_loss(model(ids, positions, sep), targets, mask.double()).backward()
+    for a, b in zip(got, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    cu_seqlens = torch.tensor([0, 10], dtype=torch.int32)
+    packed = model(ids[0], positions[0], sep[:1], cu_seqlens=cu_seqlens, logits_mask=mask[0])
+    torch.testing.assert_close(packed, full[0][mask[0]], rtol=1e-10, atol=1e-10)
+    with pytest.raises(TypeError, match="logits_mask must be a bool tensor"):
+        model(ids, positions, sep, logits_mask=mask.long())
+    with pytest.raises(ValueError, match=r"logits_mask must have the shape \[3, 10\]"):
+        model(ids, positions, sep, logits_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, positions, sep, logits_mask=mask, logits_index=torch.zeros(3, dtype=torch.long))
+
+
 def test_padding_never_changes_real_tokens():
     config = small_config()
     model = random_model(config)

@@ -27,7 +27,10 @@ from glm_ext.data.blank_infilling import BlankInfillingBatch
 from glm_ext.data.collate import BlankInfillingCollator, PackedBatch, pack_samples, unpad_rows
 from glm_ext.data.datasets import PackedRowStream
 
-__all__ = ["StepLayout", "batch_logits", "batch_to", "next_step_batches", "pack_batch", "padding_share", "real_tokens"]
+__all__ = [
+    "StepLayout", "batch_logits", "batch_to", "loss_targets", "next_step_batches", "pack_batch", "padding_share",
+    "real_tokens",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +128,20 @@ def batch_to(batch: Any, device: torch.device | str) -> Any:
     return dataclasses.replace(batch, **moved)
 
 
-def batch_logits(model: torch.nn.Module, batch: BlankInfillingBatch | PackedBatch) -> torch.Tensor:
+def batch_logits(
+    model: torch.nn.Module, batch: BlankInfillingBatch | PackedBatch, *, loss_positions_only: bool = False
+) -> torch.Tensor:
     """The model's logits for a padded (``[B, L, V]``) or packed (``[T, V]``) batch; the loss takes
-    them with ``batch.targets`` and ``batch.loss_mask``."""
+    them with ``batch.targets`` and ``batch.loss_mask``. With ``loss_positions_only``: the logits of
+    the positions with a loss only (``[N, V]``), which :func:`loss_targets` goes with."""
+    logits_mask = batch.loss_mask != 0 if loss_positions_only else None
     if isinstance(batch, PackedBatch):
-        return model(batch.tokens, batch.position_ids, batch.sep, cu_seqlens=batch.cu_seqlens)
-    return model(batch.tokens, batch.position_ids, batch.sep)
+        return model(batch.tokens, batch.position_ids, batch.sep, cu_seqlens=batch.cu_seqlens, logits_mask=logits_mask)
+    return model(batch.tokens, batch.position_ids, batch.sep, logits_mask=logits_mask)
+
+
+def loss_targets(batch: BlankInfillingBatch | PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The targets and loss weights ``[N]`` of a batch's positions with a loss, in the order of
+    ``batch_logits(..., loss_positions_only=True)``."""
+    selected = batch.loss_mask != 0
+    return batch.targets[selected], batch.loss_mask[selected]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from glm_ext.data.steps import StepLayout, batch_to
+from glm_ext.data.steps import StepLayout, batch_to, loss_targets
 from glm_ext.progress import Progress
 from glm_ext.tasks.cloze import (
     ClozeBatch,
@@ -364,11 +364,12 @@ class Seq2SeqFinetuning(_ExampleTask):
                 for indices in self.step_indices(layout)]
 
     def forward(self, model: nn.Module, batch: Seq2SeqBatch) -> torch.Tensor:
-        return model(batch.input_ids, batch.position_ids, batch.sep)
+        """The logits of the target (Part B) positions only (``[N, vocab]``)."""
+        return model(batch.input_ids, batch.position_ids, batch.sep, logits_mask=batch.loss_mask != 0)
 
     def loss(self, logits: torch.Tensor, batch: Seq2SeqBatch, normalizer: torch.Tensor) -> torch.Tensor:
-        return seq2seq_loss(logits, batch.targets, batch.loss_mask, self.settings.label_smoothing,
-                            normalizer=normalizer)
+        targets, weights = loss_targets(batch)
+        return seq2seq_loss(logits, targets, weights, self.settings.label_smoothing, normalizer=normalizer)
 
     def token_counts(self, batch: Seq2SeqBatch) -> tuple[torch.Tensor, int, int]:
         pad = self.tokenizer.special_ids.pad
@@ -389,8 +390,9 @@ class Seq2SeqFinetuning(_ExampleTask):
                 batch = batch_to(collate_seq2seq(self.dev_rows[start : start + EVAL_BATCH_SIZE]), trainer.device)
                 logits = trainer.logits(batch)
                 tokens = int(batch.loss_mask.sum())
-                right = ((logits.argmax(-1) == batch.targets) & batch.loss_mask.bool()).sum()
-                loss = seq2seq_loss(logits, batch.targets, batch.loss_mask).double()
+                targets, weights = loss_targets(batch)
+                right = (logits.argmax(-1) == targets).sum()
+                loss = seq2seq_loss(logits, targets, weights).double()
                 sums += torch.stack([loss * tokens, right.double()])
                 count += tokens
                 progress.advance()

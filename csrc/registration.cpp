@@ -1,6 +1,7 @@
 // Every op schema of glm_ext, in one place. Kernels register themselves per device next to their
-// code (csrc/cpu/*.cpp for CPU, csrc/cuda/<family>/*.cu for CUDA); Python-side autograd and fake
-// kernels live in glm_ext/ops.py.
+// code (csrc/<family>/cpu/*.cpp for the CPU, csrc/<family>/cuda/*.cu for CUDA, with the family's
+// shared argument checks in csrc/<family>/); Python-side autograd and fake kernels live in
+// glm_ext/ops.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 #if __has_include(<torch/headeronly/version.h>)
@@ -52,7 +53,7 @@ TORCH_LIBRARY(glm_ext, m) {
 
   // Mixed-mask attention (GLM_SPEC section 2): softmax attention where query i (absolute position
   // seq_k - seq_q + i) sees key j iff j < sep or j <= position; layouts, lse and checks are
-  // described in csrc/attention.h. Padded: q [batch, seq_q, heads_q, head_dim], k/v [batch,
+  // described in csrc/attention/attention.h. Padded: q [batch, seq_q, heads_q, head_dim], k/v [batch,
   // seq_k, heads_kv, head_dim], sep [batch], cu_seqlens None (max_seqlen ignored). Packed: q
   // [total_q, heads_q, head_dim], k/v [total_k, heads_kv, head_dim], cu_seqlens int32 [n + 1],
   // sep [n]; max_seqlen an upper bound of the sample lengths (0: unknown, the kernel finds it).
@@ -74,7 +75,7 @@ TORCH_LIBRARY(glm_ext, m) {
 
 #ifdef GLM_EXT_WITH_CUDA
 namespace glm_ext {
-int compiled_cuda_version();  // csrc/cuda/build_info.cu
+int compiled_cuda_version();  // csrc/common/cuda/build_info.cu
 }
 #endif
 

@@ -435,7 +435,7 @@ def test_every_accepted_configuration_gives_valid_rows_or_a_clear_error():
 
 
 def test_span_shuffle_rows_under_address_and_undefined_behaviour_sanitizers(tmp_path):
-    # The per-row algorithm (csrc/span_shuffle.h) in a standalone program built with ASan/UBSan:
+    # The per-row algorithm (csrc/batching/span_shuffle.h) in a standalone program built with ASan/UBSan:
     # every buffer has exactly the kernels' size, so any read or write past one is reported.
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:

@@ -1,4 +1,4 @@
-"""The CUDA flash-attention kernels (csrc/cuda/attention), run unchanged on the CPU.
+"""The CUDA flash-attention kernels (csrc/attention/cuda), run unchanged on the CPU.
 
 ``flash_emulator/`` runs every CUDA thread of a block as a fiber and replaces the few PTX
 instructions the kernels use (mma.m16n8k16, ldmatrix, cp.async) with CPU versions written from
@@ -47,8 +47,8 @@ def emulator():
 
     return cpp_extension.load(
         name="glm_ext_flash_emulator",
-        sources=[str(EMULATOR / "harness.cpp"), str(ROOT / "csrc" / "attention.cpp")],
-        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "cuda" / "attention"), str(EMULATOR),
+        sources=[str(EMULATOR / "harness.cpp"), str(ROOT / "csrc" / "attention" / "attention.cpp")],
+        extra_include_paths=[str(ROOT / "csrc"), str(ROOT / "csrc" / "attention" / "cuda"), str(EMULATOR),
                              str(include)],
         extra_cflags=["-O2", "-std=c++20"],
         verbose=False,

@@ -1,5 +1,5 @@
 // Just enough of CUDA's execution model on the CPU to run the flash-attention kernels of
-// csrc/cuda/attention unchanged: one thread block at a time, each CUDA thread a fiber
+// csrc/attention/cuda unchanged: one thread block at a time, each CUDA thread a fiber
 // (ucontext) on one OS thread, switched only at barriers, so that runs are deterministic.
 // __syncthreads / __syncwarp are real barriers (a barrier some threads never reach is reported
 // as a deadlock, not hung), warp-collective instructions exchange their operands through

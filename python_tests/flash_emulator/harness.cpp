@@ -1,6 +1,6 @@
-// The CUDA flash-attention kernels of csrc/cuda/attention, unchanged, run on the CPU through
+// The CUDA flash-attention kernels of csrc/attention/cuda, unchanged, run on the CPU through
 // cuda_on_cpu.h and emulated_instructions.h, with the same argument checks and parameters as
-// the CUDA entry points (csrc/cuda/attention/flash_host.h). Built by test_flash_emulation.py.
+// the CUDA entry points (csrc/attention/cuda/flash_host.h). Built by test_flash_emulation.py.
 #include "cuda_on_cpu.h"
 // Before the kernel headers: flash_primitives.cuh includes this instead of the PTX instructions.
 #define GLM_EXT_FLASH_EMULATION "emulated_instructions.h"
@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "attention.h"
+#include "attention/attention.h"
 #include "backward_kernels.cuh"
 #include "flash_host.h"
 #include "forward_kernel.cuh"

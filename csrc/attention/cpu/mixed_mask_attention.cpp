@@ -49,7 +49,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention.h"
+#include "attention/attention.h"
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define GLM_EXT_X86_KERNELS 1

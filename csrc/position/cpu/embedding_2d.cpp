@@ -8,7 +8,7 @@
 
 #include <vector>
 
-#include "position_ops.h"
+#include "position/position_ops.h"
 
 namespace glm_ext {
 namespace {

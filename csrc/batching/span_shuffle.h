@@ -1,7 +1,7 @@
 // Span-shuffle batching (GLM_SPEC section 1): the per-row algorithm, written once for the CPU and
 // the CUDA kernels (host and device functions, no allocation, no exceptions) so that both produce
-// the same batch from the same seed. Argument checks and the op entry points are in
-// span_shuffle.cpp / csrc/cpu/span_shuffle.cpp / csrc/cuda/batching/span_shuffle.cu.
+// the same batch from the same seed. Argument checks and the host driver are in
+// batching.cpp, the op entry points in cpu/span_shuffle.cpp and cuda/span_shuffle.cu.
 //
 // Randomness: PCG32 (O'Neill, 2014), one generator per row and one for the batch-level choice of
 // objective, each seeded from a SplitMix64 hash of (seed, stream) (stream = row index), so that a

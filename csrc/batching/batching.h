@@ -8,7 +8,7 @@
 #include <tuple>
 #include <vector>
 
-#include "span_shuffle.h"
+#include "batching/span_shuffle.h"
 
 namespace glm_ext {
 

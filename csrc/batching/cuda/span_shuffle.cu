@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "batching.h"
+#include "batching/batching.h"
 
 namespace glm_ext {
 namespace {

@@ -1,4 +1,4 @@
-#include "batching.h"
+#include "batching/batching.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

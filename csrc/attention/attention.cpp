@@ -1,4 +1,4 @@
-#include "attention.h"
+#include "attention/attention.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

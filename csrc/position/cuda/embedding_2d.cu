@@ -14,8 +14,8 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda/launch_utils.cuh"
-#include "position_ops.h"
+#include "common/cuda/launch_utils.cuh"
+#include "position/position_ops.h"
 
 namespace glm_ext {
 namespace {

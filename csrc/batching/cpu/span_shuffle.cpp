@@ -4,7 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "batching.h"
+#include "batching/batching.h"
 
 namespace glm_ext {
 namespace {

@@ -1,4 +1,4 @@
-#include "position_ops.h"
+#include "position/position_ops.h"
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>

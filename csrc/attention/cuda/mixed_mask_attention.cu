@@ -1,4 +1,4 @@
-// CUDA entry points of mixed_mask_attention: argument checks (csrc/attention.h plus what the flash
+// CUDA entry points of mixed_mask_attention: argument checks (attention/attention.h plus what the flash
 // kernels support), the kernels' parameters, and the device-side contract check. sep and
 // cu_seqlens are never read on the host (no synchronisation, CUDA-graph safe): a small kernel
 // checks them on the device, and when any sample breaks the contract every output of the call
@@ -12,10 +12,10 @@
 #include <limits>
 #include <tuple>
 
-#include "attention.h"
-#include "cuda/attention/flash_host.h"
-#include "cuda/attention/flash_kernels.h"
-#include "cuda/launch_utils.cuh"
+#include "attention/attention.h"
+#include "attention/cuda/flash_host.h"
+#include "attention/cuda/flash_kernels.h"
+#include "common/cuda/launch_utils.cuh"
 
 namespace glm_ext {
 namespace {

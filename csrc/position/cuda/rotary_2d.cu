@@ -11,8 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cuda/launch_utils.cuh"
-#include "position_ops.h"
+#include "common/cuda/launch_utils.cuh"
+#include "position/position_ops.h"
 
 namespace glm_ext {
 namespace {

@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <utility>
 
-#include "attention.h"
+#include "attention/attention.h"
 #include "flash_params.h"
 
 namespace glm_ext::cuda::flash {

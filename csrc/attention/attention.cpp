@@ -21,14 +21,6 @@ at::Tensor with_contiguous_head_dim(const at::Tensor& t) {
   return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
 }
 
-AttentionLayout layout_of(const at::Tensor& t, bool packed) {
-  AttentionLayout layout;
-  layout.batch = packed ? 0 : t.stride(0);
-  layout.token = t.stride(-3);
-  layout.head = t.stride(-2);
-  return layout;
-}
-
 void check_index_tensor(const at::Tensor& t, const char* name, const at::Tensor& q, bool int32_only) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || (!int32_only && t.scalar_type() == at::kLong),
                    "mixed_mask_attention: ", name, int32_only ? " must be int32" : " must be int32 or int64",
@@ -78,6 +70,10 @@ std::string int_list(const int32_t* values, int64_t n) {
 std::vector<int64_t> MixedMaskAttentionArgs::lse_shape() const {
   if (packed) return {heads_q, seq_q};
   return {num_samples, heads_q, seq_q};
+}
+
+TokenStrides MixedMaskAttentionArgs::lse_strides() const {
+  return {packed ? 0 : heads_q * seq_q, 1, seq_q};
 }
 
 at::ScalarType MixedMaskAttentionArgs::lse_dtype() const {
@@ -163,9 +159,9 @@ MixedMaskAttentionArgs check_mixed_mask_attention_inputs(
   args.k = with_contiguous_head_dim(k);
   args.v = with_contiguous_head_dim(v);
   args.sep = sep_as_int32(sep);
-  args.q_layout = layout_of(args.q, packed);
-  args.k_layout = layout_of(args.k, packed);
-  args.v_layout = layout_of(args.v, packed);
+  args.q_strides = token_strides(args.q);
+  args.k_strides = token_strides(args.k);
+  args.v_strides = token_strides(args.v);
   return args;
 }
 
@@ -193,8 +189,8 @@ MixedMaskAttentionBackwardArgs check_mixed_mask_attention_backward_inputs(
   args.out = with_contiguous_head_dim(out);
   args.lse = lse.contiguous();
   if (grad_lse.has_value()) args.grad_lse = grad_lse->contiguous();
-  args.grad_out_layout = layout_of(args.grad_out, fwd.packed);
-  args.out_layout = layout_of(args.out, fwd.packed);
+  args.grad_out_strides = token_strides(args.grad_out);
+  args.out_strides = token_strides(args.out);
   return args;
 }
 

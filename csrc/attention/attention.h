@@ -21,17 +21,13 @@
 #include <optional>
 #include <vector>
 
+#include "common/strides.h"
+
 namespace glm_ext {
 
 // The largest head dimension any kernel accepts (the CPU kernel takes every size 1..256; device
 // kernels may accept fewer and say so in their own check).
 constexpr int64_t kMixedMaskMaxHeadDim = 256;
-
-// A tensor's strides in elements, per sample (0 when packed), token and head. The head dimension
-// itself is always contiguous after the checks.
-struct AttentionLayout {
-  int64_t batch = 0, token = 0, head = 0;
-};
 
 struct MixedMaskAttentionArgs {
   at::Tensor q, k, v;                     // last dimension contiguous (copied otherwise)
@@ -43,11 +39,13 @@ struct MixedMaskAttentionArgs {
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;  // as passed (packed: an upper bound, 0 = unknown)
   int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
   double softmax_scale = 1.0;
-  AttentionLayout q_layout, k_layout, v_layout;
+  TokenStrides q_strides, k_strides, v_strides;  // head_dim is contiguous after the checks
 
   // Shape of the log-sum-exp: [batch, heads_q, seq_q] padded, [heads_q, total_q] packed.
   std::vector<int64_t> lse_shape() const;
   at::ScalarType lse_dtype() const;  // float64 for float64 inputs, else float32
+  // The strides of the (contiguous) log-sum-exp, and of every row statistic laid out like it.
+  TokenStrides lse_strides() const;
 };
 
 // Checks dtypes, devices and shapes of a forward call (not the values of sep and cu_seqlens:
@@ -62,7 +60,7 @@ struct MixedMaskAttentionBackwardArgs {
   at::Tensor grad_out, out;  // like q, last dimension contiguous
   at::Tensor lse;            // lse_shape(), lse_dtype(), contiguous
   at::Tensor grad_lse;       // like lse, or undefined (no gradient flows into lse)
-  AttentionLayout grad_out_layout, out_layout;
+  TokenStrides grad_out_strides, out_strides;
 };
 
 // The same for the backward: the forward's arguments plus grad_out and out (q's shape and dtype),
@@ -86,10 +84,11 @@ struct MixedMaskSample {
 // to the host first, or guards its reads instead).
 std::vector<MixedMaskSample> mixed_mask_attention_samples(const MixedMaskAttentionArgs& args);
 
-// The offset in elements of token `row` of `sample`, head `head`, in a tensor of `layout`.
-inline int64_t attention_offset(const AttentionLayout& layout, const MixedMaskSample& sample,
+// The offset in elements of token `row` of `sample` (counted from `start`, its q_start or
+// k_start), head `head`, in a tensor with `strides`.
+inline int64_t attention_offset(const TokenStrides& strides, const MixedMaskSample& sample,
                                 int64_t start, int64_t row, int64_t head) {
-  return sample.batch_index * layout.batch + (start + row) * layout.token + head * layout.head;
+  return strides.offset(sample.batch_index, start + row, head);
 }
 
 }  // namespace glm_ext

@@ -124,9 +124,7 @@ Rotary2dArgs check_rotary_2d_inputs(const at::Tensor& x, const at::Tensor& posit
   args.seq = x.size(-3);
   args.heads = x.size(-2);
   args.head_dim = head_dim;
-  args.stride_batch = packed ? 0 : args.x.stride(0);
-  args.stride_seq = args.x.stride(-3);
-  args.stride_head = args.x.stride(-2);
+  args.x_strides = token_strides(args.x);
   return args;
 }
 

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/strides.h"
+
 namespace glm_ext {
 
 // Ids of one embedding_2d call after validation: contiguous, one integer dtype for all three.
@@ -42,7 +44,7 @@ struct Rotary2dArgs {
   at::Tensor position_ids;        // [batch * seq], contiguous
   at::Tensor block_position_ids;  // [batch * seq], contiguous
   int64_t batch, seq, heads, head_dim;
-  int64_t stride_batch, stride_seq, stride_head;  // of x, in elements
+  TokenStrides x_strides;
 };
 
 Rotary2dArgs check_rotary_2d_inputs(const at::Tensor& x, const at::Tensor& position_ids,

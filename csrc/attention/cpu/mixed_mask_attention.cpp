@@ -551,15 +551,6 @@ class WorkItems {
   std::vector<int64_t> first_, blocks_;
 };
 
-// The layout of lse (and delta): [batch, heads_q, seq_q] padded, [heads_q, total_q] packed.
-AttentionLayout row_stat_layout(const MixedMaskAttentionArgs& a) {
-  return {a.packed ? 0 : a.heads_q * a.seq_q, 1, a.seq_q};
-}
-
-AttentionLayout layout_of(const at::Tensor& t, bool packed) {
-  return {packed ? 0 : t.stride(0), t.stride(-3), t.stride(-2)};
-}
-
 // Multiply-adds of one pass over every (query, key) pair, an upper bound of its work.
 int64_t attention_work(const MixedMaskAttentionArgs& a, const std::vector<MixedMaskSample>& samples) {
   int64_t pairs = 0;
@@ -583,10 +574,10 @@ template <typename T, typename scalar_t>
 void load_kv_head(const MixedMaskAttentionArgs& a, const MixedMaskSample& s, int64_t si,
                   int64_t kv_head, const scalar_t* k, const scalar_t* v, HeadCopy<T>& k_copy,
                   HeadCopy<T>& v_copy) {
-  k_copy.load(si, kv_head, k + attention_offset(a.k_layout, s, s.k_start, 0, kv_head),
-              a.k_layout.token, s.len_k);
-  v_copy.load(si, kv_head, v + attention_offset(a.v_layout, s, s.k_start, 0, kv_head),
-              a.v_layout.token, s.len_k);
+  k_copy.load(si, kv_head, k + attention_offset(a.k_strides, s, s.k_start, 0, kv_head),
+              a.k_strides.token, s.len_k);
+  v_copy.load(si, kv_head, v + attention_offset(a.v_strides, s, s.k_start, 0, kv_head),
+              a.v_strides.token, s.len_k);
 }
 
 template <typename scalar_t>
@@ -602,7 +593,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
   const scalar_t* v = a.v.const_data_ptr<scalar_t>();
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   T* lse_ptr = lse.mutable_data_ptr<T>();
-  const AttentionLayout o_layout = layout_of(out, a.packed), l_layout = row_stat_layout(a);
+  const TokenStrides o_strides = token_strides(out), l_strides = a.lse_strides();
   const WorkItems items(samples, a.heads_q, /*over_keys=*/false);
 
   const int64_t grain = grain_size(items.size(), attention_work(a, samples));
@@ -621,7 +612,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
       const int64_t kv_head = h / group, q0 = block * kTile;
       const int64_t rows = std::min(kTile, s.len_q - q0);
       load_kv_head(a, s, si, kv_head, k, v, k_copy, v_copy);
-      load_rows(q + attention_offset(a.q_layout, s, s.q_start, q0, h), a.q_layout.token, rows, dim,
+      load_rows(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim,
                 qbuf, dp);
       for (int64_t i = 0; i < rows; ++i) {
         visible[i] = static_cast<LaneInt<T>>(visible_keys(s, q0 + i));
@@ -637,12 +628,12 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
         add_product_over_visible_keys(kernels.gemm_add, scores, kTile, kTile, v_copy.row(k0), acc, dp, rows, k0,
                                       cols, visible);
       }
-      scalar_t* o_rows = o + attention_offset(o_layout, s, s.q_start, q0, h);
-      T* l_rows = lse_ptr + attention_offset(l_layout, s, s.q_start, q0, h);
+      scalar_t* o_rows = o + attention_offset(o_strides, s, s.q_start, q0, h);
+      T* l_rows = lse_ptr + attention_offset(l_strides, s, s.q_start, q0, h);
       for (int64_t i = 0; i < rows; ++i) {
         const T inv = T(1) / row_sum[i];  // every row sees key 0 at least: row_sum >= 1
         for (int64_t d = 0; d < dim; ++d) {
-          o_rows[i * o_layout.token + d] = static_cast<scalar_t>(acc[i * dp + d] * inv);
+          o_rows[i * o_strides.token + d] = static_cast<scalar_t>(acc[i * dp + d] * inv);
         }
         l_rows[i] = row_max[i] + std::log(row_sum[i]);
       }
@@ -685,9 +676,9 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
   const scalar_t* o = b.out.const_data_ptr<scalar_t>();
   const T* lse = b.lse.const_data_ptr<T>();
   const T* grad_lse = b.grad_lse.defined() ? b.grad_lse.const_data_ptr<T>() : nullptr;
-  const AttentionLayout stat_layout = row_stat_layout(a);
-  const AttentionLayout gq_layout = layout_of(grad_q, a.packed);
-  const AttentionLayout gk_layout = layout_of(grad_k, a.packed);  // grad_v: the same
+  const TokenStrides stat_strides = a.lse_strides();
+  const TokenStrides gq_strides = token_strides(grad_q);
+  const TokenStrides gk_strides = token_strides(grad_k);  // grad_v: the same
   scalar_t* gq = grad_q.mutable_data_ptr<scalar_t>();
   scalar_t* gk = grad_k.mutable_data_ptr<scalar_t>();
   scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
@@ -708,11 +699,11 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
       const MixedMaskSample& s = samples[si];
       const int64_t q0 = block * kTile, rows = std::min(kTile, s.len_q - q0);
       for (int64_t i = q0; i < q0 + rows; ++i) {
-        const scalar_t* g = go + attention_offset(b.grad_out_layout, s, s.q_start, i, h);
-        const scalar_t* y = o + attention_offset(b.out_layout, s, s.q_start, i, h);
+        const scalar_t* g = go + attention_offset(b.grad_out_strides, s, s.q_start, i, h);
+        const scalar_t* y = o + attention_offset(b.out_strides, s, s.q_start, i, h);
         T sum = 0;
         for (int64_t d = 0; d < dim; ++d) sum += static_cast<T>(g[d]) * static_cast<T>(y[d]);
-        const int64_t at = attention_offset(stat_layout, s, s.q_start, i, h);
+        const int64_t at = attention_offset(stat_strides, s, s.q_start, i, h);
         delta[at] = grad_lse ? sum - grad_lse[at] : sum;
       }
     }
@@ -740,17 +731,17 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
         dk.assign(s.len_k * dp, T(0));
         dv.assign(s.len_k * dp, T(0));
         for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-          q_copy.load(si, h, q + attention_offset(a.q_layout, s, s.q_start, 0, h), a.q_layout.token,
+          q_copy.load(si, h, q + attention_offset(a.q_strides, s, s.q_start, 0, h), a.q_strides.token,
                       s.len_q);
-          go_copy.load(si, h, go + attention_offset(b.grad_out_layout, s, s.q_start, 0, h),
-                       b.grad_out_layout.token, s.len_q);
+          go_copy.load(si, h, go + attention_offset(b.grad_out_strides, s, s.q_start, 0, h),
+                       b.grad_out_strides.token, s.len_q);
           dq.assign(s.len_q * dp, T(0));
           for (int64_t k0 = 0; k0 < s.len_k; k0 += kTile) {
             const int64_t keys = std::min(kTile, s.len_k - k0);
             const int64_t first_query = k0 < s.sep ? 0 : std::max<int64_t>(0, k0 - (s.len_k - s.len_q));
             for (int64_t q0 = first_query / kTile * kTile; q0 < s.len_q; q0 += kTile) {
               const int64_t rows = std::min(kTile, s.len_q - q0);
-              const int64_t stat = attention_offset(stat_layout, s, s.q_start, q0, h);
+              const int64_t stat = attention_offset(stat_strides, s, s.q_start, q0, h);
               for (int64_t i = 0; i < kTile; ++i) {
                 const bool real = i < rows;  // padding columns: masked (visible 0)
                 col_visible[i] = real ? static_cast<LaneInt<T>>(visible_keys(s, q0 + i)) : 0;
@@ -769,19 +760,19 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
                                             rows, k0, keys, col_visible);  // dS K
             }
           }
-          scalar_t* gq_rows = gq + attention_offset(gq_layout, s, s.q_start, 0, h);
+          scalar_t* gq_rows = gq + attention_offset(gq_strides, s, s.q_start, 0, h);
           for (int64_t i = 0; i < s.len_q; ++i) {
             for (int64_t d = 0; d < dim; ++d) {
-              gq_rows[i * gq_layout.token + d] = static_cast<scalar_t>(dq[i * dp + d] * scale);
+              gq_rows[i * gq_strides.token + d] = static_cast<scalar_t>(dq[i * dp + d] * scale);
             }
           }
         }
-        scalar_t* gk_rows = gk + attention_offset(gk_layout, s, s.k_start, 0, kv_head);
-        scalar_t* gv_rows = gv + attention_offset(gk_layout, s, s.k_start, 0, kv_head);
+        scalar_t* gk_rows = gk + attention_offset(gk_strides, s, s.k_start, 0, kv_head);
+        scalar_t* gv_rows = gv + attention_offset(gk_strides, s, s.k_start, 0, kv_head);
         for (int64_t j = 0; j < s.len_k; ++j) {
           for (int64_t d = 0; d < dim; ++d) {
-            gk_rows[j * gk_layout.token + d] = static_cast<scalar_t>(dk[j * dp + d] * scale);
-            gv_rows[j * gk_layout.token + d] = static_cast<scalar_t>(dv[j * dp + d]);
+            gk_rows[j * gk_strides.token + d] = static_cast<scalar_t>(dk[j * dp + d] * scale);
+            gv_rows[j * gk_strides.token + d] = static_cast<scalar_t>(dv[j * dp + d]);
           }
         }
       }
@@ -809,22 +800,22 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
       key_items.locate(index, si, kv_head, block);
       const MixedMaskSample& s = samples[si];
       const int64_t k0 = block * kTile, keys = std::min(kTile, s.len_k - k0);
-      load_rows(k + attention_offset(a.k_layout, s, s.k_start, k0, kv_head), a.k_layout.token, keys,
+      load_rows(k + attention_offset(a.k_strides, s, s.k_start, k0, kv_head), a.k_strides.token, keys,
                 dim, kbuf, dp);
-      load_rows(v + attention_offset(a.v_layout, s, s.k_start, k0, kv_head), a.v_layout.token, keys,
+      load_rows(v + attention_offset(a.v_strides, s, s.k_start, k0, kv_head), a.v_strides.token, keys,
                 dim, vbuf, dp);
       std::fill(dk, dk + keys * dp, T(0));
       std::fill(dv, dv + keys * dp, T(0));
       // The first query that sees key k0: all of them when k0 is in Part A, else position >= k0.
       const int64_t first_query = k0 < s.sep ? 0 : std::max<int64_t>(0, k0 - (s.len_k - s.len_q));
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group && first_query < s.len_q; ++h) {
-        q_copy.load(si, h, q + attention_offset(a.q_layout, s, s.q_start, 0, h), a.q_layout.token,
+        q_copy.load(si, h, q + attention_offset(a.q_strides, s, s.q_start, 0, h), a.q_strides.token,
                     s.len_q);
-        go_copy.load(si, h, go + attention_offset(b.grad_out_layout, s, s.q_start, 0, h),
-                     b.grad_out_layout.token, s.len_q);
+        go_copy.load(si, h, go + attention_offset(b.grad_out_strides, s, s.q_start, 0, h),
+                     b.grad_out_strides.token, s.len_q);
         for (int64_t q0 = first_query / kTile * kTile; q0 < s.len_q; q0 += kTile) {
           const int64_t rows = std::min(kTile, s.len_q - q0);
-          const int64_t stat = attention_offset(stat_layout, s, s.q_start, q0, h);
+          const int64_t stat = attention_offset(stat_strides, s, s.q_start, q0, h);
           for (int64_t i = 0; i < kTile; ++i) {
             const bool real = i < rows;  // padding columns: masked (visible 0)
             col_visible[i] = real ? static_cast<LaneInt<T>>(visible_keys(s, q0 + i)) : 0;
@@ -840,12 +831,12 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
                                           col_visible);  // dK += dS^T Q
         }
       }
-      scalar_t* gk_rows = gk + attention_offset(gk_layout, s, s.k_start, k0, kv_head);
-      scalar_t* gv_rows = gv + attention_offset(gk_layout, s, s.k_start, k0, kv_head);
+      scalar_t* gk_rows = gk + attention_offset(gk_strides, s, s.k_start, k0, kv_head);
+      scalar_t* gv_rows = gv + attention_offset(gk_strides, s, s.k_start, k0, kv_head);
       for (int64_t j = 0; j < keys; ++j) {
         for (int64_t d = 0; d < dim; ++d) {
-          gk_rows[j * gk_layout.token + d] = static_cast<scalar_t>(dk[j * dp + d] * scale);
-          gv_rows[j * gk_layout.token + d] = static_cast<scalar_t>(dv[j * dp + d]);
+          gk_rows[j * gk_strides.token + d] = static_cast<scalar_t>(dk[j * dp + d] * scale);
+          gv_rows[j * gk_strides.token + d] = static_cast<scalar_t>(dv[j * dp + d]);
         }
       }
     }
@@ -870,11 +861,11 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
       const int64_t kv_head = h / group, q0 = block * kTile;
       const int64_t rows = std::min(kTile, s.len_q - q0);
       load_kv_head(a, s, si, kv_head, k, v, k_copy, v_copy);
-      load_rows(q + attention_offset(a.q_layout, s, s.q_start, q0, h), a.q_layout.token, rows, dim,
+      load_rows(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim,
                 qbuf, dp);
-      load_rows(go + attention_offset(b.grad_out_layout, s, s.q_start, q0, h),
-                b.grad_out_layout.token, rows, dim, gobuf, dp);
-      const int64_t stat = attention_offset(stat_layout, s, s.q_start, q0, h);
+      load_rows(go + attention_offset(b.grad_out_strides, s, s.q_start, q0, h),
+                b.grad_out_strides.token, rows, dim, gobuf, dp);
+      const int64_t stat = attention_offset(stat_strides, s, s.q_start, q0, h);
       for (int64_t i = 0; i < rows; ++i) {
         visible[i] = static_cast<LaneInt<T>>(visible_keys(s, q0 + i));
         row_lse[i] = lse[stat + i];
@@ -890,10 +881,10 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b,
         add_product_over_visible_keys(kernels.gemm_add, dscores, kTile, kTile, k_copy.row(k0), dq, dp, rows, k0,
                                       cols, visible);  // dQ += dS K
       }
-      scalar_t* gq_rows = gq + attention_offset(gq_layout, s, s.q_start, q0, h);
+      scalar_t* gq_rows = gq + attention_offset(gq_strides, s, s.q_start, q0, h);
       for (int64_t i = 0; i < rows; ++i) {
         for (int64_t d = 0; d < dim; ++d) {
-          gq_rows[i * gq_layout.token + d] = static_cast<scalar_t>(dq[i * dp + d] * scale);
+          gq_rows[i * gq_strides.token + d] = static_cast<scalar_t>(dq[i * dp + d] * scale);
         }
       }
     }

@@ -34,8 +34,8 @@ __global__ void delta_kernel(const BackwardParams p, int64_t num_rows) {
     head = row % p.heads_q;
     token = (row / p.heads_q) % p.seq_q;
     batch = row / (p.heads_q * p.seq_q);
-    const T* grad_out = static_cast<const T*>(p.grad_out) + offset_of(p.grad_out_strides, batch, token, head);
-    const T* out = static_cast<const T*>(p.out) + offset_of(p.out_strides, batch, token, head);
+    const T* grad_out = static_cast<const T*>(p.grad_out) + p.grad_out_strides.offset(batch, token, head);
+    const T* out = static_cast<const T*>(p.out) + p.out_strides.offset(batch, token, head);
 #pragma unroll
     for (int c = sub; c < D / 8; c += 8) {
       const uint4 a = *reinterpret_cast<const uint4*>(grad_out + c * 8);
@@ -49,7 +49,7 @@ __global__ void delta_kernel(const BackwardParams p, int64_t num_rows) {
 #pragma unroll
   for (int width = 4; width >= 1; width /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, width);
   if (row < num_rows && sub == 0) {
-    const int64_t at = batch * p.lse_batch_stride + head * p.lse_head_stride + token;
+    const int64_t at = p.lse_strides.offset(batch, token, head);
     p.delta[at] = p.grad_lse ? sum - p.grad_lse[at] : sum;
   }
 }
@@ -102,8 +102,8 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
   auto lse_tile = [&](int stage) { return stats + 2 * stage * kBlockM; };
   auto delta_tile = [&](int stage) { return stats + (2 * stage + 1) * kBlockM; };
 
-  const T* k = static_cast<const T*>(p.k) + offset_of(p.k_strides, sample.batch, sample.k_start + n0, kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset_of(p.v_strides, sample.batch, sample.k_start + n0, kv_head);
+  const T* k = static_cast<const T*>(p.k) + p.k_strides.offset(sample.batch, sample.k_start + n0, kv_head);
+  const T* v = static_cast<const T*>(p.v) + p.v_strides.offset(sample.batch, sample.k_start + n0, kv_head);
   k_tile.template load_async<kThreads>(k, p.k_strides.token, rows_k);
   v_tile.template load_async<kThreads>(v, p.v_strides.token, rows_k);
   auto step_head = [&](int step) { return kv_head * group + step / blocks_per_head; };
@@ -112,14 +112,14 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
     const int head = step_head(step), m0 = step_start(step);
     const int64_t token = sample.q_start + m0;
     q_tile(stage).template load_async<kThreads>(
-        static_cast<const T*>(p.q) + offset_of(p.q_strides, sample.batch, token, head), p.q_strides.token,
+        static_cast<const T*>(p.q) + p.q_strides.offset(sample.batch, token, head), p.q_strides.token,
         sample.len_q - m0);
     do_tile(stage).template load_async<kThreads>(
-        static_cast<const T*>(p.grad_out) + offset_of(p.grad_out_strides, sample.batch, token, head),
+        static_cast<const T*>(p.grad_out) + p.grad_out_strides.offset(sample.batch, token, head),
         p.grad_out_strides.token, sample.len_q - m0);
     for (int i = threadIdx.x; i < kBlockM; i += kThreads) {
       const bool inside = m0 + i < sample.len_q;
-      const int64_t at = sample.batch * p.lse_batch_stride + head * p.lse_head_stride + token + i;
+      const int64_t at = p.lse_strides.offset(sample.batch, token + i, head);
       lse_tile(stage)[i] = inside ? p.lse[at] * kLog2e : 0.f;
       delta_tile(stage)[i] = inside ? p.delta[at] : 0.f;
     }
@@ -173,10 +173,10 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
   const int warp_rows = min(16, rows_k - warp * 16);
   const int64_t token = sample.k_start + n0 + warp * 16;
   k_tile.store_rows(warp * 16, warp_rows,
-                    static_cast<T*>(p.grad_k) + offset_of(p.grad_k_strides, sample.batch, token, kv_head),
+                    static_cast<T*>(p.grad_k) + p.grad_k_strides.offset(sample.batch, token, kv_head),
                     p.grad_k_strides.token);
   v_tile.store_rows(warp * 16, warp_rows,
-                    static_cast<T*>(p.grad_v) + offset_of(p.grad_v_strides, sample.batch, token, kv_head),
+                    static_cast<T*>(p.grad_v) + p.grad_v_strides.offset(sample.batch, token, kv_head),
                     p.grad_v_strides.token);
 }
 
@@ -201,9 +201,9 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
   };
   const int64_t token = sample.q_start + m0;
   q_tile.template load_async<kThreads>(
-      static_cast<const T*>(p.q) + offset_of(p.q_strides, sample.batch, token, head), p.q_strides.token, rows_q);
+      static_cast<const T*>(p.q) + p.q_strides.offset(sample.batch, token, head), p.q_strides.token, rows_q);
   do_tile.template load_async<kThreads>(
-      static_cast<const T*>(p.grad_out) + offset_of(p.grad_out_strides, sample.batch, token, head),
+      static_cast<const T*>(p.grad_out) + p.grad_out_strides.offset(sample.batch, token, head),
       p.grad_out_strides.token, rows_q);
   if (block.num_tiles > 0) load_kv(0, 0);
   cp_async_commit();
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
-    const int64_t at = sample.batch * p.lse_batch_stride + head * p.lse_head_stride + token + row;
+    const int64_t at = p.lse_strides.offset(sample.batch, token + row, head);
     visible[r] = sample.visible_keys(m0 + row);
     lse[r] = row < rows_q ? p.lse[at] * kLog2e : 0.f;
     delta[r] = row < rows_q ? p.delta[at] : 0.f;
@@ -255,7 +255,7 @@ __global__ void __launch_bounds__(BackwardConfig<T, D>::kThreads)
   stage_rows<T, D>(q_tile, warp * 16, grad_q, {p.softmax_scale, p.softmax_scale});
   __syncwarp();
   q_tile.store_rows(warp * 16, min(16, rows_q - warp * 16),
-                    static_cast<T*>(p.grad_q) + offset_of(p.grad_q_strides, sample.batch, token + warp * 16, head),
+                    static_cast<T*>(p.grad_q) + p.grad_q_strides.offset(sample.batch, token + warp * 16, head),
                     p.grad_q_strides.token);
 }
 

@@ -26,10 +26,6 @@ inline at::Tensor with_aligned_rows(const at::Tensor& t) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-inline Strides strides_of(const at::Tensor& t, bool packed) {
-  return {packed ? 0 : t.stride(0), t.stride(-3), t.stride(-2)};
-}
-
 // Everything but the outputs (out, lse) from the checked arguments and the (aligned) q, k, v.
 inline ForwardParams forward_params(const MixedMaskAttentionArgs& args, const at::Tensor& q, const at::Tensor& k,
                                     const at::Tensor& v) {
@@ -37,12 +33,10 @@ inline ForwardParams forward_params(const MixedMaskAttentionArgs& args, const at
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
-  p.q_strides = strides_of(q, args.packed);
-  p.k_strides = strides_of(k, args.packed);
-  p.v_strides = strides_of(v, args.packed);
-  // lse is contiguous [batch, heads_q, seq_q] padded, [heads_q, total_q] packed.
-  p.lse_batch_stride = args.packed ? 0 : args.heads_q * args.seq_q;
-  p.lse_head_stride = args.seq_q;
+  p.q_strides = token_strides(q);
+  p.k_strides = token_strides(k);
+  p.v_strides = token_strides(v);
+  p.lse_strides = args.lse_strides();
   p.sep = args.sep.const_data_ptr<int32_t>();
   if (args.packed) {
     p.cu_seqlens_q = args.cu_seqlens_q.const_data_ptr<int32_t>();
@@ -66,30 +60,30 @@ inline BackwardParams backward_params(const MixedMaskAttentionBackwardArgs& args
   BackwardParams p;
   static_cast<ForwardParams&>(p) = forward_params(args.forward, q, k, v);
   p.out = const_cast<void*>(out.const_data_ptr());  // read only: the delta pass
-  p.out_strides = strides_of(out, args.forward.packed);
+  p.out_strides = token_strides(out);
   p.lse = const_cast<float*>(args.lse.const_data_ptr<float>());  // read only
   p.grad_out = grad_out.const_data_ptr();
-  p.grad_out_strides = strides_of(grad_out, args.forward.packed);
+  p.grad_out_strides = token_strides(grad_out);
   p.grad_lse = args.grad_lse.defined() ? args.grad_lse.const_data_ptr<float>() : nullptr;
   return p;
 }
 
 // Where the forward writes: out (like q) and lse (contiguous, lse_shape()).
-inline void set_outputs(ForwardParams& p, const at::Tensor& out, const at::Tensor& lse, bool packed) {
+inline void set_outputs(ForwardParams& p, const at::Tensor& out, const at::Tensor& lse) {
   p.out = out.data_ptr();
-  p.out_strides = strides_of(out, packed);
+  p.out_strides = token_strides(out);
   p.lse = lse.data_ptr<float>();
 }
 
 // Where the backward writes: the gradients (like q, k, v) and its delta buffer (like lse).
 inline void set_gradients(BackwardParams& p, const at::Tensor& grad_q, const at::Tensor& grad_k,
-                          const at::Tensor& grad_v, const at::Tensor& delta, bool packed) {
+                          const at::Tensor& grad_v, const at::Tensor& delta) {
   p.grad_q = grad_q.data_ptr();
   p.grad_k = grad_k.data_ptr();
   p.grad_v = grad_v.data_ptr();
-  p.grad_q_strides = strides_of(grad_q, packed);
-  p.grad_k_strides = strides_of(grad_k, packed);
-  p.grad_v_strides = strides_of(grad_v, packed);
+  p.grad_q_strides = token_strides(grad_q);
+  p.grad_k_strides = token_strides(grad_k);
+  p.grad_v_strides = token_strides(grad_v);
   p.delta = delta.data_ptr<float>();
 }
 

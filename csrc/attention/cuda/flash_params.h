@@ -5,21 +5,18 @@
 
 #include <cstdint>
 
-namespace glm_ext::cuda::flash {
+#include "common/strides.h"
 
-// Element strides of a q/k/v-like tensor per sample (0 when packed), token and head.
-struct Strides {
-  int64_t batch = 0, token = 0, head = 0;
-};
+namespace glm_ext::cuda::flash {
 
 struct ForwardParams {
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
   void* out = nullptr;
-  float* lse = nullptr;  // lse_batch_stride * sample + lse_head_stride * head + token
-  Strides q_strides, k_strides, v_strides, out_strides;
-  int64_t lse_batch_stride = 0, lse_head_stride = 0;
+  float* lse = nullptr;  // at lse_strides.offset(sample, token, head)
+  TokenStrides q_strides, k_strides, v_strides, out_strides;
+  TokenStrides lse_strides;  // also of delta and grad_lse
   const int32_t* sep = nullptr;           // [num_samples]
   const int32_t* cu_seqlens_q = nullptr;  // [num_samples + 1]; nullptr in the padded layout
   const int32_t* cu_seqlens_k = nullptr;
@@ -32,13 +29,13 @@ struct ForwardParams {
 
 struct BackwardParams : ForwardParams {
   const void* grad_out = nullptr;
-  Strides grad_out_strides;
+  TokenStrides grad_out_strides;
   const float* grad_lse = nullptr;  // laid out like lse, or nullptr
   float* delta = nullptr;           // rowsum(grad_out * out) - grad_lse, laid out like lse
   void* grad_q = nullptr;
   void* grad_k = nullptr;
   void* grad_v = nullptr;
-  Strides grad_q_strides, grad_k_strides, grad_v_strides;
+  TokenStrides grad_q_strides, grad_k_strides, grad_v_strides;
 };
 
 // One GLM sample as a kernel sees it: its batch index (padded) or token offsets (packed), its
@@ -92,11 +89,5 @@ struct QueryBlock {
     return true;
   }
 };
-
-// Element offset of token `row` of a sample, head `head`.
-__host__ __device__ inline int64_t offset_of(const Strides& strides, int64_t batch, int64_t token,
-                                             int64_t head) {
-  return batch * strides.batch + token * strides.token + head * strides.head;
-}
 
 }  // namespace glm_ext::cuda::flash

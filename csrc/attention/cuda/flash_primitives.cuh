@@ -207,10 +207,10 @@ struct KeyValueStages {
     const int n0 = tile * ROWS;
     const int64_t token = sample.k_start + n0;
     keys(stage).template load_async<THREADS>(
-        static_cast<const T*>(p.k) + offset_of(p.k_strides, sample.batch, token, kv_head), p.k_strides.token,
+        static_cast<const T*>(p.k) + p.k_strides.offset(sample.batch, token, kv_head), p.k_strides.token,
         sample.len_k - n0);
     values(stage).template load_async<THREADS>(
-        static_cast<const T*>(p.v) + offset_of(p.v_strides, sample.batch, token, kv_head), p.v_strides.token,
+        static_cast<const T*>(p.v) + p.v_strides.offset(sample.batch, token, kv_head), p.v_strides.token,
         sample.len_k - n0);
   }
 };

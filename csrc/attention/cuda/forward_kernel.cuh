@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     stages.template load_async<kThreads>(p, sample, block.kv_head, tile, stage);
   };
   q_tile.template load_async<kThreads>(
-      static_cast<const T*>(p.q) + offset_of(p.q_strides, sample.batch, sample.q_start + m0, head), p.q_strides.token,
+      static_cast<const T*>(p.q) + p.q_strides.offset(sample.batch, sample.q_start + m0, head), p.q_strides.token,
       rows_q);
   if (block.num_tiles > 0) load_kv(0, 0);
   cp_async_commit();
@@ -120,12 +120,12 @@ __global__ void __launch_bounds__(ForwardConfig<T, D>::kThreads)
     const int row = row0 + 8 * r;
     if (c == 0 && row < rows_q) {
       const float lse = sum > 0.f ? (row_max[r] + log2f(sum)) * kLn2 : -INFINITY;
-      p.lse[sample.batch * p.lse_batch_stride + head * p.lse_head_stride + sample.q_start + m0 + row] = lse;
+      p.lse[p.lse_strides.offset(sample.batch, sample.q_start + m0 + row, head)] = lse;
     }
   }
   stage_rows<T, D>(q_tile, warp * 16, acc, inverse);
   __syncwarp();
-  T* out = static_cast<T*>(p.out) + offset_of(p.out_strides, sample.batch, sample.q_start + m0, head);
+  T* out = static_cast<T*>(p.out) + p.out_strides.offset(sample.batch, sample.q_start + m0, head);
   q_tile.store_rows(warp * 16, min(16, rows_q - warp * 16), out + warp * 16 * p.out_strides.token,
                     p.out_strides.token);
 }

@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> mixed_mask_attention_cuda(
   if (out.numel() == 0) return {out, lse};
   const auto stream = at::cuda::getCurrentCUDAStream();
   auto params = cuda::flash::forward_params(args, q, k, v);
-  set_outputs(params, out, lse, args.packed);
+  set_outputs(params, out, lse);
   const auto invalid = check_samples(params, args, stream);
   dispatch(args, [&]<typename T, int D>() {
     cuda::flash::run_forward<T, D>(params, length_bounds(args).first, stream);
@@ -136,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixed_mask_attention_backward_cud
   auto delta = at::empty(fwd.lse_shape(), args.lse.options());
 
   auto params = cuda::flash::backward_params(args, q, k, v, out, grad_out);
-  set_gradients(params, grad_q, grad_k, grad_v, delta, fwd.packed);
+  set_gradients(params, grad_q, grad_k, grad_v, delta);
   const auto invalid = check_samples(params, fwd, stream);
   const auto [bound_q, bound_k] = length_bounds(fwd);
   dispatch(fwd, [&]<typename T, int D>() { cuda::flash::run_backward<T, D>(params, bound_q, bound_k, stream); });

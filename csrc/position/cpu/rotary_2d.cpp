@@ -46,10 +46,10 @@ at::Tensor rotate_2d_cpu(const at::Tensor& x, const at::Tensor& position_ids,
           }
         }
         const int64_t b = t / args.seq, s = t % args.seq;
-        const scalar_t* x_tok = in + b * args.stride_batch + s * args.stride_seq;
+        const scalar_t* x_tok = in + args.x_strides.offset(b, s, 0);
         scalar_t* o_tok = o + t * heads * head_dim;
         for (int64_t h = 0; h < heads; ++h) {
-          const scalar_t* xh = x_tok + h * args.stride_head;
+          const scalar_t* xh = x_tok + h * args.x_strides.head;
           scalar_t* oh = o_tok + h * head_dim;
           for (int half = 0; half < 2; ++half) {
             const int64_t off = half * rot_dim;

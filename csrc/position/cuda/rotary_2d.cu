@@ -33,7 +33,7 @@ __device__ __forceinline__ void sin_cos(double angle, double* s, double* c) { si
 // one half); units are numbered with the pair vector fastest, so a warp reads whole head rows.
 struct RotaryGeometry {
   int64_t tokens, seq, heads, head_dim;
-  int64_t stride_batch, stride_seq, stride_head;  // of the input, in elements
+  TokenStrides x_strides;  // of the input
   int64_t heads_per_group, num_groups;
 };
 
@@ -77,12 +77,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     const int64_t b = token / g.seq;
     const int64_t s = token % g.seq;
     const int64_t offset = half * rot_dim + j0;
-    const scalar_t* in_token = x + b * g.stride_batch + s * g.stride_seq + offset;
+    const scalar_t* in_token = x + g.x_strides.offset(b, s, 0) + offset;
     scalar_t* out_token = out + token * g.heads * g.head_dim + offset;
     const int64_t head_end = std::min(g.heads, (group + 1) * g.heads_per_group);
 #pragma unroll 4
     for (int64_t h = group * g.heads_per_group; h < head_end; ++h) {
-      const scalar_t* in_head = in_token + h * g.stride_head;
+      const scalar_t* in_head = in_token + h * g.x_strides.head;
       scalar_t* out_head = out_token + h * g.head_dim;
       const vec_t a = *reinterpret_cast<const vec_t*>(in_head);
       const vec_t c = *reinterpret_cast<const vec_t*>(in_head + quarter);
@@ -113,8 +113,8 @@ void launch_rotary_2d(const at::Tensor& x, at::Tensor& out, const Rotary2dArgs& 
     const bool fits =
         (args.head_dim / 4) % VEC == 0 &&
         reinterpret_cast<uintptr_t>(x.const_data_ptr()) % (VEC * sizeof(scalar_t)) == 0 &&
-        stride_fits(args.batch, args.stride_batch) && stride_fits(args.seq, args.stride_seq) &&
-        stride_fits(args.heads, args.stride_head);
+        stride_fits(args.batch, args.x_strides.batch) && stride_fits(args.seq, args.x_strides.token) &&
+        stride_fits(args.heads, args.x_strides.head);
     if (!fits) return launch_rotary_2d<scalar_t, VEC / 2>(x, out, args, base, sin_sign);
   }
   using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
@@ -123,9 +123,7 @@ void launch_rotary_2d(const at::Tensor& x, at::Tensor& out, const Rotary2dArgs& 
   g.seq = args.seq;
   g.heads = args.heads;
   g.head_dim = args.head_dim;
-  g.stride_batch = args.stride_batch;
-  g.stride_seq = args.stride_seq;
-  g.stride_head = args.stride_head;
+  g.x_strides = args.x_strides;
   // Heads are split into groups only as far as needed to fill the GPU with threads.
   const int64_t units_per_group = g.tokens * (args.head_dim / 2) / VEC;
   const auto* props = at::cuda::getCurrentDeviceProperties();

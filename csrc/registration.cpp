@@ -65,7 +65,8 @@ TORCH_LIBRARY(glm_ext, m) {
       "-> (Tensor out, Tensor lse)");
   // Gradients of q, k, v from grad_out and, when given, grad_lse (the gradient of lse).
   // Deterministic: every element is summed in a fixed order (on the CPU the order may depend on
-  // the thread count, which picks between a fused and a two-pass backward).
+  // the thread count when there are fewer (sample, kv head) pairs than 4 per thread: it sets how
+  // many chunks each sample's keys are cut into).
   m.def(
       "mixed_mask_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor lse, Tensor sep, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "

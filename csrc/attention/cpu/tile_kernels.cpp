@@ -3,21 +3,11 @@
 // instruction set through function target attributes.
 #include "attention/cpu/tile_kernels.h"
 
-#include <ATen/Version.h>
-
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <string>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define GLM_EXT_X86_KERNELS 1
-#define GLM_EXT_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
-#define GLM_EXT_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define GLM_EXT_X86_KERNELS 0
-#endif
-#define GLM_EXT_ALWAYS_INLINE inline __attribute__((always_inline))
+#include "common/cpu_isa.h"
 
 namespace glm_ext::attention_cpu {
 namespace {
@@ -274,15 +264,11 @@ template <typename T>
 const TileKernels<T>& tile_kernels() {
   static const TileKernels<T> kernels = [] {
 #if GLM_EXT_X86_KERNELS
-    const std::string capability = at::get_cpu_capability();
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (capability == "AVX512" && avx2 && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq")) {
-      return avx512_kernels<T>();
+    switch (cpu_isa()) {
+      case CpuIsa::kAvx512: return avx512_kernels<T>();
+      case CpuIsa::kAvx2: return avx2_kernels<T>();
+      case CpuIsa::kBaseline: break;
     }
-    if ((capability == "AVX512" || capability == "AVX2") && avx2) return avx2_kernels<T>();
 #endif
     return baseline_kernels<T>();
   }();

@@ -57,8 +57,7 @@ struct TileKernels {
                               const T* lse2, const T* delta);
 };
 
-// The kernels of the widest instruction set both ATen and this CPU allow (ATen's choice honours
-// the ATEN_CPU_CAPABILITY environment variable, so tests can force the narrower paths).
+// The kernels of cpu_isa(), the widest instruction set both ATen and this CPU allow.
 template <typename T>
 const TileKernels<T>& tile_kernels();
 

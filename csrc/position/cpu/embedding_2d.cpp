@@ -1,14 +1,26 @@
 // CPU kernels of embedding_2d: fused gather-and-sum of GLM's three embedding tables, and its
 // deterministic backward.
+//
+// Both are memory-bound: the forward gathers three table rows per token (the word row usually
+// from memory, not cache), the backward writes three dense gradient tables, mostly zeros. The
+// forward prefetches the rows of the tokens a few places ahead and sums them with the widest
+// vectors the CPU has (per-ISA loops, cpu_isa()); the backward writes every gradient row exactly
+// once, the rows no token uses with streaming stores (no read of the line before the write).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "position/position_ops.h"
+
+#if GLM_EXT_X86_KERNELS
+#include <immintrin.h>
+#endif
 
 namespace glm_ext {
 namespace {
@@ -16,7 +28,7 @@ namespace {
 template <typename index_t>
 void check_index_range(const at::Tensor& ids, int64_t rows, const char* name,
                        const char* table_name) {
-  const index_t* data = ids.data_ptr<index_t>();
+  const index_t* data = ids.const_data_ptr<index_t>();
   for (int64_t i = 0, n = ids.numel(); i < n; ++i) {
     TORCH_CHECK_INDEX(data[i] >= 0 && data[i] < rows, name, " must lie in [0, ", rows, ") (",
                       table_name, " has ", rows, " rows), got ", static_cast<int64_t>(data[i]),
@@ -24,16 +36,73 @@ void check_index_range(const at::Tensor& ids, int64_t rows, const char* name,
   }
 }
 
-// One output row; restrict tells the compiler the rows do not alias, so the loop vectorises.
-template <typename scalar_t>
-inline void sum_three_rows(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                           const scalar_t* __restrict__ c, scalar_t* __restrict__ out,
-                           int64_t hidden) {
+// ---------------------------------------------------------------------------------------------
+// Forward: out[t] = word[ids[t]] + position[pos[t]] + block_position[bpos[t]], summed in the
+// accumulation type and rounded once.
+
+template <typename scalar_t, typename index_t>
+struct GatherArgs {
+  const index_t *word_ids, *position_ids, *block_ids;
+  const scalar_t *word, *position, *block;
+  scalar_t* out;
+  int64_t hidden;
+};
+
+// How many tokens ahead the rows are prefetched: enough to cover a memory access with the sums of
+// the tokens in between.
+constexpr int64_t kPrefetchTokens = 4;
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch(p + offset);
+}
+
+template <typename scalar_t, typename index_t>
+GLM_EXT_ALWAYS_INLINE void gather_sum_impl(const GatherArgs<scalar_t, index_t>& g, int64_t begin, int64_t end) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t h = 0; h < hidden; ++h) {
-    out[h] = static_cast<scalar_t>(static_cast<acc_t>(a[h]) + static_cast<acc_t>(b[h]) +
-                                   static_cast<acc_t>(c[h]));
+  const int64_t hidden = g.hidden, row_bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t t = begin; t < end; ++t) {
+    if (t + kPrefetchTokens < end) {
+      const int64_t ahead = t + kPrefetchTokens;
+      prefetch_row(g.word + static_cast<int64_t>(g.word_ids[ahead]) * hidden, row_bytes);
+      prefetch_row(g.position + static_cast<int64_t>(g.position_ids[ahead]) * hidden, row_bytes);
+      prefetch_row(g.block + static_cast<int64_t>(g.block_ids[ahead]) * hidden, row_bytes);
+    }
+    const scalar_t* __restrict__ a = g.word + static_cast<int64_t>(g.word_ids[t]) * hidden;
+    const scalar_t* __restrict__ b = g.position + static_cast<int64_t>(g.position_ids[t]) * hidden;
+    const scalar_t* __restrict__ c = g.block + static_cast<int64_t>(g.block_ids[t]) * hidden;
+    scalar_t* __restrict__ o = g.out + t * hidden;
+    for (int64_t h = 0; h < hidden; ++h) {
+      o[h] = static_cast<scalar_t>(static_cast<acc_t>(a[h]) + static_cast<acc_t>(b[h]) + static_cast<acc_t>(c[h]));
+    }
   }
+}
+
+template <typename scalar_t, typename index_t>
+void gather_sum_baseline(const GatherArgs<scalar_t, index_t>& g, int64_t begin, int64_t end) {
+  gather_sum_impl(g, begin, end);
+}
+#if GLM_EXT_X86_KERNELS
+template <typename scalar_t, typename index_t>
+GLM_EXT_AVX2 void gather_sum_avx2(const GatherArgs<scalar_t, index_t>& g, int64_t begin, int64_t end) {
+  gather_sum_impl(g, begin, end);
+}
+template <typename scalar_t, typename index_t>
+GLM_EXT_AVX512 void gather_sum_avx512(const GatherArgs<scalar_t, index_t>& g, int64_t begin, int64_t end) {
+  gather_sum_impl(g, begin, end);
+}
+#endif
+
+template <typename scalar_t, typename index_t>
+void gather_sum(const GatherArgs<scalar_t, index_t>& g, int64_t begin, int64_t end) {
+#if GLM_EXT_X86_KERNELS
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return gather_sum_avx512(g, begin, end);
+    case CpuIsa::kAvx2: return gather_sum_avx2(g, begin, end);
+    case CpuIsa::kBaseline: break;
+  }
+#endif
+  gather_sum_baseline(g, begin, end);
 }
 
 at::Tensor embedding_2d_cpu(const at::Tensor& input_ids, const at::Tensor& position_ids,
@@ -56,34 +125,91 @@ at::Tensor embedding_2d_cpu(const at::Tensor& input_ids, const at::Tensor& posit
     check_index_range<index_t>(ids.position_ids, pos.size(0), "position_ids", "position_weight");
     check_index_range<index_t>(ids.block_position_ids, block.size(0), "block_position_ids",
                                "block_position_weight");
-    const index_t* word_ids = ids.input_ids.data_ptr<index_t>();
-    const index_t* pos_ids = ids.position_ids.data_ptr<index_t>();
-    const index_t* block_ids = ids.block_position_ids.data_ptr<index_t>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, word.scalar_type(), "embedding_2d_cpu", [&] {
-      const scalar_t* w = word.data_ptr<scalar_t>();
-      const scalar_t* p = pos.data_ptr<scalar_t>();
-      const scalar_t* b = block.data_ptr<scalar_t>();
-      scalar_t* o = out.data_ptr<scalar_t>();
+      const GatherArgs<scalar_t, index_t> g{
+          ids.input_ids.const_data_ptr<index_t>(), ids.position_ids.const_data_ptr<index_t>(),
+          ids.block_position_ids.const_data_ptr<index_t>(), word.const_data_ptr<scalar_t>(),
+          pos.const_data_ptr<scalar_t>(), block.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+          hidden};
       const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(hidden, 1));
-      at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          sum_three_rows(w + static_cast<int64_t>(word_ids[t]) * hidden,
-                         p + static_cast<int64_t>(pos_ids[t]) * hidden,
-                         b + static_cast<int64_t>(block_ids[t]) * hidden, o + t * hidden, hidden);
-        }
-      });
+      at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) { gather_sum(g, begin, end); });
     });
   });
   return out;
 }
 
-// grad_table[r] = sum of grad_output rows of the tokens whose id is r, in token order. A stable
-// counting sort groups tokens by row; work items are (row, column block) pairs so that a row
-// shared by most tokens (block position 0 covers all of Part A) is split across threads, and
-// every element is summed in the same order whatever the thread count: deterministic.
+// ---------------------------------------------------------------------------------------------
+// Backward: grad_table[r] = sum of grad_output rows of the tokens whose id is r, in token order.
+
+// Zeros `bytes` at dst with streaming stores where the platform has them (x86-64: 16-byte
+// non-temporal stores; the caller fences), else memset.
+void zero_streaming(void* dst, int64_t bytes) {
+#if GLM_EXT_X86_KERNELS
+  char* p = static_cast<char*>(dst);
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(p) % 16) % 16);
+  std::memset(p, 0, head);
+  p += head;
+  bytes -= head;
+  const __m128i zero = _mm_setzero_si128();
+  for (; bytes >= 16; bytes -= 16, p += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(p), zero);
+  std::memset(p, 0, bytes);
+#else
+  std::memset(dst, 0, bytes);
+#endif
+}
+
+template <typename scalar_t>
+GLM_EXT_ALWAYS_INLINE void add_rows_impl(const scalar_t* grad, const int64_t* tokens, int64_t count,
+                                         int64_t hidden, int64_t col0, int64_t width,
+                                         at::opmath_type<scalar_t>* __restrict__ acc, scalar_t* __restrict__ dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t c = 0; c < width; ++c) acc[c] = acc_t(0);
+  for (int64_t k = 0; k < count; ++k) {
+    const scalar_t* __restrict__ g = grad + tokens[k] * hidden + col0;
+    for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<acc_t>(g[c]);
+  }
+  for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+}
+
+template <typename scalar_t>
+void add_rows_baseline(const scalar_t* grad, const int64_t* tokens, int64_t count, int64_t hidden, int64_t col0,
+                       int64_t width, at::opmath_type<scalar_t>* acc, scalar_t* dst) {
+  add_rows_impl(grad, tokens, count, hidden, col0, width, acc, dst);
+}
+#if GLM_EXT_X86_KERNELS
+template <typename scalar_t>
+GLM_EXT_AVX2 void add_rows_avx2(const scalar_t* grad, const int64_t* tokens, int64_t count, int64_t hidden,
+                                int64_t col0, int64_t width, at::opmath_type<scalar_t>* acc, scalar_t* dst) {
+  add_rows_impl(grad, tokens, count, hidden, col0, width, acc, dst);
+}
+template <typename scalar_t>
+GLM_EXT_AVX512 void add_rows_avx512(const scalar_t* grad, const int64_t* tokens, int64_t count, int64_t hidden,
+                                    int64_t col0, int64_t width, at::opmath_type<scalar_t>* acc, scalar_t* dst) {
+  add_rows_impl(grad, tokens, count, hidden, col0, width, acc, dst);
+}
+#endif
+
+// dst[c] = sum over k of grad[tokens[k] * hidden + col0 + c] for c < width, in the order of tokens.
+template <typename scalar_t>
+void add_rows(const scalar_t* grad, const int64_t* tokens, int64_t count, int64_t hidden, int64_t col0,
+              int64_t width, at::opmath_type<scalar_t>* acc, scalar_t* dst) {
+#if GLM_EXT_X86_KERNELS
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return add_rows_avx512(grad, tokens, count, hidden, col0, width, acc, dst);
+    case CpuIsa::kAvx2: return add_rows_avx2(grad, tokens, count, hidden, col0, width, acc, dst);
+    case CpuIsa::kBaseline: break;
+  }
+#endif
+  add_rows_baseline(grad, tokens, count, hidden, col0, width, acc, dst);
+}
+
+// Fills table_grad [rows, hidden] (uninitialised). A stable counting sort groups tokens by row;
+// work items are (used row, column block) pairs so that a row shared by most tokens (block
+// position 0 covers all of Part A) is split across threads, and every element is summed in the
+// same order whatever the thread count: deterministic. The unused rows are zeroed in parallel.
 template <typename scalar_t, typename index_t>
-void accumulate_table_grad(const scalar_t* grad, const index_t* ids, int64_t tokens,
-                           int64_t hidden, int64_t rows, scalar_t* table_grad) {
+void table_grad(const scalar_t* grad, const index_t* ids, int64_t tokens, int64_t hidden, int64_t rows,
+                scalar_t* table_grad) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<int64_t> row_start(rows + 1, 0);
   for (int64_t t = 0; t < tokens; ++t) {
@@ -102,6 +228,16 @@ void accumulate_table_grad(const scalar_t* grad, const index_t* ids, int64_t tok
     std::vector<int64_t> next(row_start.begin(), row_start.end() - 1);
     for (int64_t t = 0; t < tokens; ++t) order[next[ids[t]]++] = t;
   }
+  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
+  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) {
+                       if (row_start[r + 1] == row_start[r]) zero_streaming(table_grad + r * hidden, row_bytes);
+                     }
+#if GLM_EXT_X86_KERNELS
+                     _mm_sfence();
+#endif
+                   });
   constexpr int64_t kColumnBlock = 256;
   const int64_t column_blocks = (hidden + kColumnBlock - 1) / kColumnBlock;
   const int64_t items = static_cast<int64_t>(used_rows.size()) * column_blocks;
@@ -110,14 +246,8 @@ void accumulate_table_grad(const scalar_t* grad, const index_t* ids, int64_t tok
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = used_rows[item / column_blocks];
       const int64_t col0 = (item % column_blocks) * kColumnBlock;
-      const int64_t width = std::min(kColumnBlock, hidden - col0);
-      std::fill(acc, acc + width, acc_t(0));
-      for (int64_t k = row_start[row]; k < row_start[row + 1]; ++k) {
-        const scalar_t* g = grad + order[k] * hidden + col0;
-        for (int64_t c = 0; c < width; ++c) acc[c] += static_cast<acc_t>(g[c]);
-      }
-      scalar_t* dst = table_grad + row * hidden + col0;
-      for (int64_t c = 0; c < width; ++c) dst[c] = static_cast<scalar_t>(acc[c]);
+      add_rows(grad, order.data() + row_start[row], row_start[row + 1] - row_start[row], hidden, col0,
+               std::min(kColumnBlock, hidden - col0), acc, table_grad + row * hidden + col0);
     }
   });
 }
@@ -132,19 +262,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
   const auto grad = grad_output.contiguous();
   const int64_t hidden = grad.size(-1);
   const int64_t tokens = ids.input_ids.numel();
-  auto grad_word = at::zeros({num_words, hidden}, grad.options());
-  auto grad_pos = at::zeros({num_positions, hidden}, grad.options());
-  auto grad_block = at::zeros({num_block_positions, hidden}, grad.options());
+  auto grad_word = at::empty({num_words, hidden}, grad.options());
+  auto grad_pos = at::empty({num_positions, hidden}, grad.options());
+  auto grad_block = at::empty({num_block_positions, hidden}, grad.options());
 
   AT_DISPATCH_INDEX_TYPES(ids.input_ids.scalar_type(), "embedding_2d_backward_cpu", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_2d_backward_cpu", [&] {
-      const scalar_t* g = grad.data_ptr<scalar_t>();
-      accumulate_table_grad(g, ids.input_ids.data_ptr<index_t>(), tokens, hidden, num_words,
-                            grad_word.data_ptr<scalar_t>());
-      accumulate_table_grad(g, ids.position_ids.data_ptr<index_t>(), tokens, hidden,
-                            num_positions, grad_pos.data_ptr<scalar_t>());
-      accumulate_table_grad(g, ids.block_position_ids.data_ptr<index_t>(), tokens, hidden,
-                            num_block_positions, grad_block.data_ptr<scalar_t>());
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      table_grad(g, ids.input_ids.const_data_ptr<index_t>(), tokens, hidden, num_words,
+                 grad_word.mutable_data_ptr<scalar_t>());
+      table_grad(g, ids.position_ids.const_data_ptr<index_t>(), tokens, hidden, num_positions,
+                 grad_pos.mutable_data_ptr<scalar_t>());
+      table_grad(g, ids.block_position_ids.const_data_ptr<index_t>(), tokens, hidden, num_block_positions,
+                 grad_block.mutable_data_ptr<scalar_t>());
     });
   });
   return {grad_word, grad_pos, grad_block};

@@ -36,15 +36,16 @@ TORCH_LIBRARY(glm_ext, m) {
       "rotary_2d_backward(Tensor grad_output, Tensor position_ids, Tensor block_position_ids, "
       "float base=10000.0) -> Tensor");
 
-  // Blank-infilling batches (GLM_SPEC section 1). Returns tokens, targets, loss_mask [batch, width],
-  // position_ids [batch, 2, width], sep int32 [batch] and the objective drawn for the batch
-  // (0 token, 1 sentence, 2 document); width = output_length, or the longest row when 0.
+  // Blank-infilling batches (GLM_SPEC section 1). special_ids: [CLS], <eos>, pad, [MASK], [sMASK],
+  // [gMASK], <sop>, <eop>. Row i is drawn from the random stream of row row_offset + i of the batch
+  // with this seed (the objective from the seed alone). Returns tokens, targets, loss_mask
+  // [batch, width], position_ids [batch, 2, width], sep int32 [batch] and the objective drawn for
+  // the batch (0 token, 1 sentence, 2 document); width = output_length, or the longest row when 0.
   m.def(
       "span_shuffle_batch(Tensor tokens, Tensor? lengths, Tensor sentence_end_ids, int seed, "
       "float[] objective_probs, float mask_ratio, float poisson_lambda, int max_span_length, "
-      "float min_document_ratio, int cls_id, int eos_id, int pad_id, int mask_id, int smask_id, "
-      "int gmask_id, int sop_id, int eop_id, int vocab_size, int output_length=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float min_document_ratio, int[] special_ids, int vocab_size, int output_length=0, "
+      "int row_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One row from explicit spans [k, 2] and Part B order [k]: tokens, targets, loss_mask,
   // position_ids [2, L] and sep (0-dim).
   m.def(

@@ -58,9 +58,8 @@ SpanShuffleOutputs run_span_shuffle_batch(
     const SpanShuffleKernels& kernels, const at::Tensor& tokens,
     const std::optional<at::Tensor>& lengths, const at::Tensor& sentence_end_ids, int64_t seed,
     at::ArrayRef<double> objective_probs, double mask_ratio, double poisson_lambda,
-    int64_t max_span_length, double min_document_ratio, int64_t cls_id, int64_t eos_id,
-    int64_t pad_id, int64_t mask_id, int64_t smask_id, int64_t gmask_id, int64_t sop_id,
-    int64_t eop_id, int64_t vocab_size, int64_t output_length) {
+    int64_t max_span_length, double min_document_ratio, at::IntArrayRef special_ids,
+    int64_t vocab_size, int64_t output_length, int64_t row_offset) {
   // ---- arguments
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong || tokens.scalar_type() == at::kInt,
                    "tokens must be int32 or int64, got ", tokens.scalar_type());
@@ -69,12 +68,13 @@ SpanShuffleOutputs run_span_shuffle_batch(
   TORCH_CHECK_VALUE(tokens.size(1) <= kMaxRowLength, "tokens: rows longer than ", kMaxRowLength,
                     " tokens are not supported, got ", tokens.size(1));
   TORCH_CHECK_VALUE(vocab_size > 0, "vocab_size must be positive, got ", vocab_size);
-  const std::pair<const char*, int64_t> special[] = {
-      {"cls_id", cls_id},     {"eos_id", eos_id},     {"pad_id", pad_id}, {"mask_id", mask_id},
-      {"smask_id", smask_id}, {"gmask_id", gmask_id}, {"sop_id", sop_id}, {"eop_id", eop_id}};
-  for (const auto& [name, id] : special) {
-    TORCH_CHECK_VALUE(id >= 0 && id < vocab_size, name, " must lie in [0, vocab_size=", vocab_size,
-                      "), got ", id);
+  TORCH_CHECK_VALUE(special_ids.size() == kNumSpecialIds,
+                    "special_ids must hold 8 ids ([CLS], <eos>, pad, [MASK], [sMASK], [gMASK], <sop>, <eop>), got ",
+                    special_ids.size());
+  constexpr const char* kSpecialNames[] = {"cls", "eos", "pad", "mask", "smask", "gmask", "sop", "eop"};
+  for (int i = 0; i < kNumSpecialIds; ++i) {
+    TORCH_CHECK_VALUE(special_ids[i] >= 0 && special_ids[i] < vocab_size, "special_ids: the ", kSpecialNames[i],
+                      " id must lie in [0, vocab_size=", vocab_size, "), got ", special_ids[i]);
   }
   check_probability(mask_ratio, "mask_ratio", /*allow_zero=*/false);
   check_probability(min_document_ratio, "min_document_ratio", /*allow_zero=*/true);
@@ -103,6 +103,9 @@ SpanShuffleOutputs run_span_shuffle_batch(
                     sentence_end_ids.device());
 
   const int64_t batch_size = tokens.size(0), max_len = tokens.size(1);
+  // Row streams stay below the objective's stream.
+  TORCH_CHECK_VALUE(row_offset >= 0 && static_cast<uint64_t>(row_offset) <= kObjectiveStream - batch_size,
+                    "row_offset must lie in [0, 2^63 - 1 - batch], got ", row_offset);
   const auto device = tokens.device();
   at::Tensor row_lengths;
   if (lengths.has_value()) {
@@ -135,15 +138,16 @@ SpanShuffleOutputs run_span_shuffle_batch(
   batch.span_cdf = cdf.to(device);
   batch.sentence_end_ids = std::get<0>(sentence_end_ids.to(device, at::kLong).sort()).contiguous();
   batch.objective = choose_objective(objective_probs, static_cast<uint64_t>(seed));
-  batch.mask_token = batch.objective == kTokenLevel      ? mask_id
-                     : batch.objective == kSentenceLevel ? smask_id
-                                                         : gmask_id;
-  batch.params = Params{vocab_size, cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id,
+  batch.mask_token = special_ids[batch.objective == kTokenLevel      ? kMask
+                                 : batch.objective == kSentenceLevel ? kSmask
+                                                                     : kGmask];
+  batch.params = Params{vocab_size, special_ids[kCls], special_ids[kEos], special_ids[kPad], special_ids[kMask],
+                        special_ids[kSmask], special_ids[kGmask], special_ids[kSop], special_ids[kEop],
                         mask_ratio, batch.span_cdf.data_ptr<double>(),
                         static_cast<int32_t>(max_span_length), min_document_ratio,
                         batch.sentence_end_ids.data_ptr<int64_t>(),
                         static_cast<int32_t>(batch.sentence_end_ids.numel()),
-                        static_cast<uint64_t>(seed), kMaxAttempts};
+                        static_cast<uint64_t>(seed), kMaxAttempts, static_cast<uint64_t>(row_offset)};
   const auto int_options = tokens.options().dtype(at::kInt);
   batch.workspace = at::empty({batch_size, RowWorkspace::workspace_ints(max_len)}, int_options);
   batch.status = at::empty({batch_size}, int_options);

@@ -40,12 +40,15 @@ struct SpanShuffleKernels {
                    at::Tensor& sep);
 };
 
+// The order of span_shuffle_batch's special_ids.
+enum SpecialId : int { kCls, kEos, kPad, kMask, kSmask, kGmask, kSop, kEop, kNumSpecialIds };
+
+// The op's arguments as the schema has them (csrc/registration.cpp), checked here for every device.
 SpanShuffleOutputs run_span_shuffle_batch(
     const SpanShuffleKernels& kernels, const at::Tensor& tokens,
     const std::optional<at::Tensor>& lengths, const at::Tensor& sentence_end_ids, int64_t seed,
     at::ArrayRef<double> objective_probs, double mask_ratio, double poisson_lambda,
-    int64_t max_span_length, double min_document_ratio, int64_t cls_id, int64_t eos_id,
-    int64_t pad_id, int64_t mask_id, int64_t smask_id, int64_t gmask_id, int64_t sop_id,
-    int64_t eop_id, int64_t vocab_size, int64_t output_length);
+    int64_t max_span_length, double min_document_ratio, at::IntArrayRef special_ids,
+    int64_t vocab_size, int64_t output_length, int64_t row_offset);
 
 }  // namespace glm_ext

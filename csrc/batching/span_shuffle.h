@@ -4,8 +4,10 @@
 // batching.cpp, the op entry points in cpu/span_shuffle.cpp and cuda/span_shuffle.cu.
 //
 // Randomness: PCG32 (O'Neill, 2014), one generator per row and one for the batch-level choice of
-// objective, each seeded from a SplitMix64 hash of (seed, stream) (stream = row index), so that a
-// row's result depends on neither threads nor devices, and rows of nearby seeds are unrelated.
+// objective, each seeded from a SplitMix64 hash of (seed, stream), so that a row's result depends
+// on neither threads nor devices, and rows of nearby seeds are unrelated. Row i of a call draws
+// from stream row_offset + i: a batch split into parts (ranks, micro-batches) draws each part's
+// rows as the rows of the whole batch they are.
 #pragma once
 
 #include <cmath>
@@ -95,6 +97,7 @@ struct Params {
   int32_t num_sentence_end_ids;
   uint64_t seed;
   int32_t max_attempts;        // token-level resampling attempts before a row is refused
+  uint64_t row_offset;         // row i of the call draws from the stream of row row_offset + i
 };
 
 // A row's working memory: six arrays of workspace_ints(n) / 6 entries each (n = row length).
@@ -298,10 +301,10 @@ GLM_HD int32_t sample_document_span(int32_t n, const Params& p, Pcg32& rng, RowW
   return kOk;
 }
 
-// Samples a row's spans and its Part B order. Returns a RowStatus.
+// Samples the spans and Part B order of row `row_index` of a call. Returns a RowStatus.
 GLM_HD int32_t sample_row(const int64_t* row, int32_t n, int32_t objective, const Params& p,
                           uint64_t row_index, RowWorkspace& out) {
-  Pcg32 rng(p.seed, row_index);
+  Pcg32 rng(p.seed, p.row_offset + row_index);
   out.count = 0;
   bool in_range = true;
   for (int32_t i = 0; i < n; ++i) in_range &= row[i] >= 0 && row[i] < p.vocab_size;

@@ -64,12 +64,11 @@ SpanShuffleOutputs span_shuffle_batch_cpu(
     const at::Tensor& tokens, const std::optional<at::Tensor>& lengths,
     const at::Tensor& sentence_end_ids, int64_t seed, at::ArrayRef<double> objective_probs,
     double mask_ratio, double poisson_lambda, int64_t max_span_length, double min_document_ratio,
-    int64_t cls_id, int64_t eos_id, int64_t pad_id, int64_t mask_id, int64_t smask_id,
-    int64_t gmask_id, int64_t sop_id, int64_t eop_id, int64_t vocab_size, int64_t output_length) {
+    at::IntArrayRef special_ids, int64_t vocab_size, int64_t output_length, int64_t row_offset) {
   return run_span_shuffle_batch({&sample_rows_cpu, &assemble_rows_cpu}, tokens, lengths,
                                 sentence_end_ids, seed, objective_probs, mask_ratio, poisson_lambda,
-                                max_span_length, min_document_ratio, cls_id, eos_id, pad_id, mask_id,
-                                smask_id, gmask_id, sop_id, eop_id, vocab_size, output_length);
+                                max_span_length, min_document_ratio, special_ids, vocab_size, output_length,
+                                row_offset);
 }
 
 // One row from explicit spans and Part B order (glm_ext.data.blank_infilling).

@@ -46,16 +46,6 @@ void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t dim, T
   }
 }
 
-// dst [dim, kTile] = scale * (src rows [rows, dim])^T, the columns [rows, kTile) zero.
-template <typename T, typename scalar_t>
-void load_transposed(const scalar_t* src, int64_t stride, int64_t rows, int64_t dim, T scale, T* dst) {
-  for (int64_t c = 0; c < dim; ++c) std::fill(dst + c * kTile + rows, dst + (c + 1) * kTile, T(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* s = src + r * stride;
-    for (int64_t c = 0; c < dim; ++c) dst[c * kTile + r] = scale * static_cast<T>(s[c]);
-  }
-}
-
 // The rows [len, dp] of one head of one sample of q, k, v or grad_out, converted to the
 // accumulation type and padded with zeros, reused while the head stays the same. A copy even for
 // float32 inputs: rows 2^k bytes apart in the input (heads x head_dim of them) share a few L1 sets

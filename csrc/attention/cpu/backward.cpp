@@ -171,8 +171,8 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b, const std::vector<
           const scalar_t* go_block = go + attention_offset(b.grad_out_strides, s, s.q_start, q0, h);
           load_rows(q_block, a.q_strides.token, rows, dim, qr, dp);
           load_rows(go_block, b.grad_out_strides.token, rows, dim, gr, dp);
-          load_transposed(q_block, a.q_strides.token, rows, dim, scale2, qt);
-          load_transposed(go_block, b.grad_out_strides.token, rows, dim, T(1), dot);
+          kernels.transpose(qr, dp, rows, dim, scale2, qt);
+          kernels.transpose(gr, dp, rows, dim, T(1), dot);
           const int64_t stat = attention_offset(lse_strides, s, s.q_start, q0, h);
           for (int64_t i = 0; i < kTile; ++i) {
             const bool real = i < rows;  // padding lanes: masked, and outside every product

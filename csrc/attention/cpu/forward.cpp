@@ -55,9 +55,10 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
 
   parallel_over_items(costs, [&](int64_t begin, int64_t end) {
     HeadRows<T> k_rows(dim), v_rows(dim);
-    std::vector<T> buffer(dim * kTile + kTile * dp + kTile * kTile, T(0));
+    std::vector<T> buffer(dim * kTile + 2 * kTile * dp + kTile * kTile, T(0));
     T* qt = buffer.data();         // [dim, kTile]: the block's queries, scaled, transposed
-    T* acc = qt + dim * kTile;     // [kTile, dp]: the output rows
+    T* qr = qt + dim * kTile;      // [kTile, dp]: the block's queries
+    T* acc = qr + kTile * dp;      // [kTile, dp]: the output rows
     T* st = acc + kTile * dp;      // [kTile keys, kTile queries]: scores, then probabilities
     alignas(64) T col_max[kTile];
     alignas(64) T col_sum[kTile];
@@ -71,8 +72,8 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
                   s.len_k);
       v_rows.load(si, kv_head, v + attention_offset(a.v_strides, s, s.k_start, 0, kv_head), a.v_strides.token,
                   s.len_k);
-      load_transposed(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim,
-                      scale2, qt);
+      load_rows(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim, qr, dp);
+      kernels.transpose(qr, dp, rows, dim, scale2, qt);
       for (int64_t i = 0; i < kTile; ++i) {  // padding lanes copy the last query (never written out)
         visible[i] = static_cast<LaneInt<T>>(visible_keys(s, q0 + std::min(i, rows - 1)));
         col_max[i] = -std::numeric_limits<T>::infinity();
@@ -85,12 +86,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
         const bool masked = visible[0] < k0 + keys;  // else every query sees every key here
         kernels.gemm_set(k_rows.row(k0), dp, qt, kTile, st, kTile, keys, dim, kTile);  // S^T = K Q^T
         kernels.softmax_columns(st, keys, k0, masked ? visible : nullptr, col_max, col_sum, alpha);
-        if (k0 > 0) {  // the first tile starts from zeros
-          for (int64_t i = 0; i < rows; ++i) {
-            if (alpha[i] == T(1)) continue;
-            for (int64_t d = 0; d < dp; ++d) acc[i * dp + d] *= alpha[i];
-          }
-        }
+        if (k0 > 0) kernels.scale_rows(acc, dp, rows, dp, alpha);  // the first tile starts from zeros
         if (!masked) {
           kernels.gemm_add_ta(st, kTile, v_rows.row(k0), dp, acc, dp, rows, keys, dp);  // out += P V
         } else {

@@ -124,6 +124,19 @@ GLM_EXT_ALWAYS_INLINE void gemm_impl(const T* a, int64_t lda, const T* b, int64_
                                                     ldc, kd);
     }
   }
+  if constexpr (NV >= 4) {  // half panels (n = 32 floats with 64-byte vectors)
+    for (; col + NV / 2 * W <= n; col += NV / 2 * W) {
+      int64_t i = 0;
+      for (; i + 2 * R <= m; i += 2 * R) {
+        gemm_block<T, B, 2 * R, NV / 2, kAccumulate, kTransA>(a + i * row_step, lda, b + col, ldb,
+                                                              c + i * ldc + col, ldc, kd);
+      }
+      for (; i < m; ++i) {
+        gemm_block<T, B, 1, NV / 2, kAccumulate, kTransA>(a + i * row_step, lda, b + col, ldb, c + i * ldc + col,
+                                                          ldc, kd);
+      }
+    }
+  }
   for (; col < n; col += W) {
     int64_t i = 0;
     for (; i + R <= m; i += R) {
@@ -214,6 +227,34 @@ GLM_EXT_ALWAYS_INLINE void grad_scores_columns_impl(T* st, T* dpt, int64_t keys,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Row scaling and the transposed query tiles
+
+template <typename T, int B>
+GLM_EXT_ALWAYS_INLINE void scale_rows_impl(T* c, int64_t ldc, int64_t m, int64_t n, const T* alpha) {
+  using V = typename Simd<T, B>::V;
+  constexpr int64_t W = Simd<T, B>::kWidth;
+  for (int64_t r = 0; r < m; ++r) {
+    if (alpha[r] == T(1)) continue;
+    for (int64_t col = 0; col < n; col += W) store(c + r * ldc + col, load<V>(c + r * ldc + col) * alpha[r]);
+  }
+}
+
+// Blocks of W source rows: each column of the block is gathered into one vector (W loads from
+// rows that stay in L1) and stored whole into the destination row.
+template <typename T, int B>
+GLM_EXT_ALWAYS_INLINE void transpose_impl(const T* src, int64_t ld, int64_t rows, int64_t dim, T scale, T* dst) {
+  using V = typename Simd<T, B>::V;
+  constexpr int64_t W = Simd<T, B>::kWidth;
+  for (int64_t r0 = 0; r0 < kTile; r0 += W) {
+    for (int64_t c = 0; c < dim; ++c) {
+      V column;
+      for (int64_t l = 0; l < W; ++l) column[l] = r0 + l < rows ? src[(r0 + l) * ld + c] : T(0);
+      store(dst + c * kTile + r0, column * scale);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // One instruction set: vector bytes, register block rows x vectors, function attributes.
 
 #define GLM_EXT_DEFINE_TILE_KERNELS(NAME, ATTRIBUTES, BYTES, ROWS, VECS)                              \
@@ -244,9 +285,19 @@ GLM_EXT_ALWAYS_INLINE void grad_scores_columns_impl(T* st, T* dpt, int64_t keys,
     grad_scores_columns_impl<T, BYTES>(st, dpt, keys, k0, visible, lse2, delta);                     \
   }                                                                                                  \
   template <typename T>                                                                              \
+  ATTRIBUTES void NAME##_scale_rows(T* c, int64_t ldc, int64_t m, int64_t n, const T* alpha) {       \
+    scale_rows_impl<T, BYTES>(c, ldc, m, n, alpha);                                                  \
+  }                                                                                                  \
+  template <typename T>                                                                              \
+  ATTRIBUTES void NAME##_transpose(const T* src, int64_t ld, int64_t rows, int64_t dim, T scale,     \
+                                   T* dst) {                                                         \
+    transpose_impl<T, BYTES>(src, ld, rows, dim, scale, dst);                                        \
+  }                                                                                                  \
+  template <typename T>                                                                              \
   TileKernels<T> NAME##_kernels() {                                                                  \
-    return {&NAME##_gemm_set<T>, &NAME##_gemm_add<T>, &NAME##_gemm_add_ta<T>,                       \
-            &NAME##_softmax_columns<T>, &NAME##_grad_scores_columns<T>};                             \
+    return {&NAME##_gemm_set<T>,         &NAME##_gemm_add<T>,   &NAME##_gemm_add_ta<T>,              \
+            &NAME##_softmax_columns<T>,  &NAME##_grad_scores_columns<T>, &NAME##_scale_rows<T>,       \
+            &NAME##_transpose<T>};                                                                   \
   }
 
 // Baseline: 16-byte vectors (SSE2 on x86-64, NEON on arm64), 4 rows x 2 vectors.

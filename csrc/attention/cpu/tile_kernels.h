@@ -55,6 +55,10 @@ struct TileKernels {
   // dpt [keys, kTile] = dP -> dS = P (dP - delta); lse2 (in log2 units) and delta per query lane.
   void (*grad_scores_columns)(T* st, T* dpt, int64_t keys, int64_t k0, const LaneInt<T>* visible,
                               const T* lse2, const T* delta);
+  // c[r, :n] *= alpha[r] for the rows r < m whose alpha is not 1.
+  void (*scale_rows)(T* c, int64_t ldc, int64_t m, int64_t n, const T* alpha);
+  // dst [dim, kTile] = scale * src[rows, dim]^T (src leading dimension ld), columns [rows, kTile) 0.
+  void (*transpose)(const T* src, int64_t ld, int64_t rows, int64_t dim, T scale, T* dst);
 };
 
 // The kernels of cpu_isa(), the widest instruction set both ATen and this CPU allow.

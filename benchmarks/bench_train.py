@@ -1,13 +1,12 @@
 """End-to-end training throughput of GLM: padded vs packed rows, the attention backends, 1..N processes.
 
-Every timed step is a whole training step with the data pipeline in the loop: rows read from a
+Every timed step is a whole step of ``glm_ext.training.Trainer`` (:meth:`Run.train_step`: the
+trainer's ``next_batches`` and ``train_step``) with the data pipeline in the loop: rows read from a
 ``PackedRowStream`` over the demo's corpus (``glm_ext.data.default_corpus()``, tokenised by a
 byte-level BPE of the demo's vocabulary size), blank-infilling rows drawn by the collator and shared
-out to ranks and micro-batches (``glm_ext.data.steps``), packed into one varlen row per micro-batch
-(packed configurations), forward, loss over the step's tokens, backward with the gradient reduction
-of DDP (several processes), clipping, an AdamW step. The loop is built from the parts the trainer is
-built from (``glm_ext.distributed``, ``glm_ext.data.steps``); :func:`train_step` is the one place
-to swap for ``Trainer.train_step`` once the trainer uses them.
+out to ranks and micro-batches, packed into one varlen row per micro-batch (``packing``), forward,
+loss over the step's tokens, backward with the gradient reduction of DDP (several processes),
+clipping, an AdamW step.
 
 Configurations: rows ``padded`` (the collator's fixed-width rows, SDPA with a dense mask or the
 fused kernel) or ``packed`` (the same samples without padding), attention ``sdpa`` or ``fused``;
@@ -15,7 +14,8 @@ each with 1 process and with N processes (spawned, gloo on the CPU / nccl on CUD
 device or ``cores / N`` threads each on the CPU). All configurations see the same samples.
 
 tokens/s counts real tokens (every row's Part A and Part B, not its padding): the same work for
-every configuration, summed over ranks. MFU (CUDA): ``6 N + 12 layers hidden seq`` model FLOPs per
+every configuration, summed over ranks; ``padding_share`` is the share of the positions the model
+computed that were padding. MFU (CUDA): ``6 N + 12 layers hidden seq`` model FLOPs per
 real token (``bench_model.model_flops_per_token``, seq = max_length) over the device's bf16 peak.
 
 Timing: ``rounds`` rounds; in each, every configuration builds its model and runs ``warmup``
@@ -51,11 +51,12 @@ import torch.multiprocessing as mp
 from benchmarks.bench_model import model_flops_per_token, peak_flops
 from benchmarks.common import default_device, environment_info, print_table, select_device, write_results
 from glm_ext import distributed
-from glm_ext.data import BlankInfillingCollator, PackedRowStream, TokenFile, default_corpus, prepare_token_file
-from glm_ext.data.steps import StepLayout, batch_logits, batch_to, next_step_batches, pack_batch, padding_share
-from glm_ext.demo import DEMO_BATCH_SIZE, DEMO_MAX_LENGTH, DEMO_POSITION_ENCODING, DEMO_VOCAB_SIZE
-from glm_ext.model import GLMConfig, GLMModel
+from glm_ext.data import TokenFile, default_corpus, prepare_token_file
+from glm_ext.data.steps import real_tokens
+from glm_ext.demo import DEMO_BATCH_SIZE, DEMO_MAX_LENGTH, DEMO_VOCAB_SIZE
+from glm_ext.model import PRESETS
 from glm_ext.tokenizer import GLMTokenizer
+from glm_ext.training import TrainConfig, Trainer
 
 CONFIGURATIONS = [("padded", "sdpa"), ("padded", "fused"), ("packed", "sdpa"), ("packed", "fused")]
 BASELINE = ("padded", "sdpa")
@@ -93,47 +94,27 @@ def prepare_data(cache: Path, vocab_size: int) -> tuple[Path, Path]:
 
 
 class Run:
-    """The model, optimizer and data of one configuration on this rank."""
+    """The trainer of one configuration on this rank (the process group, if any, already joined)."""
 
-    def __init__(self, args: argparse.Namespace, rows: str, attention: str, context: distributed.DistributedContext):
-        self.args, self.packed, self.device = args, rows == "packed", context.device
-        self.tokenizer = GLMTokenizer.from_file(args.tokenizer)
-        self.collator = BlankInfillingCollator(self.tokenizer, args.max_length, seed=args.seed)
-        self.stream = PackedRowStream(TokenFile(args.token_file), self.collator.input_length, seed=args.seed)
-        self.layout = StepLayout.for_global_batch(
-            args.batch, grad_accum=args.grad_accum, world_size=context.world_size, rank=context.rank
+    def __init__(self, args: argparse.Namespace, rows: str, attention: str, output_dir: Path):
+        self.packed = rows == "packed"
+        # The tiny preset keeps the tokenizer's vocabulary (the demo's model); larger ones their own.
+        vocab = {} if args.preset == "tiny" else {"vocab_size": PRESETS[args.preset]["vocab_size"]}
+        config = TrainConfig(
+            train_data=str(args.token_file), tokenizer=str(args.tokenizer), output_dir=str(output_dir),
+            preset=args.preset, position_encoding=args.position_encoding, model_overrides=vocab,
+            attention_backend=attention, packing=self.packed, batch_size=args.batch, grad_accum=args.grad_accum,
+            max_length=args.max_length, lr=LR, warmup=1, grad_clip=GRAD_CLIP, seed=args.seed,
+            device=str(args.device), dtype="auto" if args.device.type == "cuda" else "float32",
         )
-        torch.manual_seed(args.seed)
-        self.model = GLMModel(model_config(args, self.tokenizer), attention_backend=attention).to(self.device)
-        self.wrapped = distributed.apply_ddp(self.model, self.device) if context.world_size > 1 else self.model
-        self.optimizer = torch.optim.AdamW(self.wrapped.parameters(), lr=LR)
-        self.autocast = args.autocast_dtype
+        self.trainer = Trainer(config, log=lambda line: None)
+        self.model = self.trainer.model
 
-    def forward(self, batch) -> torch.Tensor:
-        enabled = self.autocast is not None
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=enabled):
-            return batch_logits(self.wrapped, batch)
-
-    def train_step(self) -> tuple[int, float]:
-        """One step; returns this rank's real tokens and padding share (of its padded rows)."""
-        batches = next_step_batches(self.stream, self.collator, self.layout)
-        real = sum(int(b.sep.to(torch.int64).sum() + b.loss_mask.sum()) for b in batches)
-        padding = sum(padding_share(b) for b in batches) / len(batches)
-        if self.packed:
-            batches = [pack_batch(b, pad_id=self.tokenizer.special_ids.pad) for b in batches]
-        batches = [batch_to(b, self.device) for b in batches]
-        distributed.accumulate_gradients(self.wrapped, batches, forward=self.forward)
-        distributed.clip_grad_norm(self.wrapped, GRAD_CLIP)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return real, padding
-
-
-def model_config(args: argparse.Namespace, tokenizer: GLMTokenizer) -> GLMConfig:
-    overrides = {"position_encoding": args.position_encoding}
-    if args.preset == "tiny":  # the demo's: the tokenizer's vocabulary; larger presets keep theirs
-        overrides["vocab_size"] = tokenizer.padded_vocab_size
-    return GLMConfig.preset(args.preset, **overrides)
+    def train_step(self) -> tuple[int, int]:
+        """One step of the trainer; returns this rank's real tokens and the positions computed."""
+        batches = self.trainer.next_batches()
+        self.trainer.train_step(batches)
+        return sum(int(real_tokens(b)) for b in batches), sum(b.tokens.numel() for b in batches)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -151,31 +132,32 @@ def measure_round(args: argparse.Namespace, context: distributed.DistributedCont
     """Builds every configuration, warms each up, then times ``iters`` steps of each, interleaved
     step by step (so that a slow spell of the machine hits all configurations alike). Returns one
     result per configuration, for all ranks together."""
-    runs = [Run(args, rows, attention, context) for rows, attention in args.configurations]
-    for run in runs:
-        for _ in range(args.warmup):
-            run.train_step()
-    # per configuration: real tokens, padding share, wall seconds, CPU seconds (this rank)
-    totals = torch.zeros(len(runs), 4, dtype=torch.float64)
-    for _ in range(args.iters):
-        for index, run in enumerate(runs):
-            _barrier(context.device)
-            wall, cpu = time.perf_counter(), time.process_time()
-            real, padding = run.train_step()
-            _synchronize(context.device)
-            totals[index] += torch.tensor([real, padding / args.iters, time.perf_counter() - wall,
-                                           time.process_time() - cpu], dtype=torch.float64)
+    with tempfile.TemporaryDirectory() as output_dirs:  # the trainers' run directories (nothing is saved)
+        runs = [Run(args, rows, attention, Path(output_dirs) / f"{rows}-{attention}")
+                for rows, attention in args.configurations]
+        for run in runs:
+            for _ in range(args.warmup):
+                run.train_step()
+        # per configuration: real tokens, positions computed, wall seconds, CPU seconds (this rank)
+        totals = torch.zeros(len(runs), 4, dtype=torch.float64)
+        for _ in range(args.iters):
+            for index, run in enumerate(runs):
+                _barrier(context.device)
+                wall, cpu = time.perf_counter(), time.process_time()
+                counts = run.train_step()
+                _synchronize(context.device)
+                seconds = [time.perf_counter() - wall, time.process_time() - cpu]
+                totals[index] += torch.tensor([*counts, *seconds], dtype=torch.float64)
     if torch.distributed.is_initialized():
         reduced = totals.to(context.device)
-        torch.distributed.all_reduce(reduced)  # tokens and CPU time add up over ranks
+        torch.distributed.all_reduce(reduced)  # tokens, positions and CPU time add up over ranks
         totals[:, [0, 1, 3]] = reduced[:, [0, 1, 3]].cpu()
-        totals[:, 1] /= context.world_size
     results = []
-    for run, (tokens, padding, wall, cpu) in zip(runs, totals.tolist()):
+    for run, (tokens, positions, wall, cpu) in zip(runs, totals.tolist()):
         results.append({
             "rows": "packed" if run.packed else "padded", "attention": run.model.attention_backend,
             "tokens": int(tokens), "seconds": wall, "cpu_seconds": cpu,
-            "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "padding_share": padding,
+            "tokens_per_s": tokens / wall, "tokens_per_cpu_s": tokens / cpu, "padding_share": 1 - tokens / positions,
             "resolved_attention": run.model.backends(context.device, args.autocast_dtype).attention,
             "model_flops_per_token": model_flops_per_token(run.model, args.max_length)["total"],
         })
@@ -236,7 +218,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="process counts (default: 1 2 on the CPU; 1 and the device count on CUDA)")
     p.add_argument("--configurations", nargs="+", default=None, metavar="ROWS+ATTENTION",
                    help=f"subset of {' '.join(f'{r}+{a}' for r, a in CONFIGURATIONS)}")
-    p.add_argument("--position-encoding", default=DEMO_POSITION_ENCODING, choices=["learned_2d", "rotary_2d"])
+    p.add_argument("--position-encoding", default=TrainConfig.position_encoding, choices=["learned_2d", "rotary_2d"],
+                   help="default: the trainer's (and the demo's)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per round and configuration")
     p.add_argument("--iters", type=int, default=None, help="timed steps (default: 8 on the CPU, 20 on CUDA)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; each configuration's best is reported")

@@ -11,9 +11,10 @@ The rule (fixed before looking at any result, and the same for every model):
 * **masked word**: in each sentence one word of ``MIN_LETTERS`` or more lowercase letters, not the
   first word, drawn uniformly at random (seeded); its letters become ``[MASK]`` (punctuation stays);
 * **items**: ``count`` qualifying sentences drawn at random (seeded) from all of them;
-* **prediction**: the model fills the blank by greedy decoding; the predicted word is the first run
-  of letters in the fill (decoding is greedy, so stopping at the end of that word would give the
-  same word);
+* **prediction**: the model fills the blank by greedy decoding restricted to what the blank holds,
+  one lowercase word (:func:`fill_word`): the first token starts a word (a space, then
+  ``MIN_LETTERS`` or more lowercase letters), the next ones continue it (lowercase letters) until
+  ``<eop>``; the predicted word is the fill's letters;
 * **exact match**: the predicted word equals the masked word, letter for letter and case;
 * **baseline**: always answering the most frequent qualifying word of the *training* documents
   (counted with the same word rule).
@@ -23,11 +24,25 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import random
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-__all__ = ["Cloze", "ClozeScore", "cloze_items", "exact_match", "most_frequent_word", "predicted_word"]
+import torch
+
+from glm_ext.generation import encode_context, mask_positions
+
+__all__ = [
+    "Cloze",
+    "ClozeScore",
+    "cloze_items",
+    "exact_match",
+    "fill_word",
+    "most_frequent_word",
+    "predicted_word",
+    "score",
+]
 
 MIN_WORDS, MAX_WORDS = 8, 30
 MIN_LETTERS = 4
@@ -119,6 +134,51 @@ def predicted_word(fill: str) -> str:
     """The first run of letters of a blank's fill ('' when it has none)."""
     match = _LETTERS.search(fill)
     return match.group(0) if match else ""
+
+
+@functools.cache
+def _word_tokens(tokenizer, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks over the model's vocabulary: tokens that start a word of ``MIN_LETTERS`` or
+    more lowercase letters (a space, then the letters), and tokens that continue one (letters only)."""
+    starts = torch.zeros(vocab_size, dtype=torch.bool)
+    continues = torch.zeros(vocab_size, dtype=torch.bool)
+    for token in range(tokenizer.vocab_size):
+        text = tokenizer.decode([token])
+        starts[token] = re.fullmatch(rf" [a-z]{{{MIN_LETTERS},}}", text) is not None
+        continues[token] = re.fullmatch(r"[a-z]+", text) is not None
+    return starts, continues
+
+
+@torch.no_grad()
+def fill_word(model, tokenizer, text: str, *, max_new_tokens: int = 6) -> str:
+    """Fills the one blank of ``text`` with one lowercase word by greedy decoding (GLM_SPEC 5: the
+    context encoded once, bidirectionally; the blank decoded from ``<sop>`` at its mask's position
+    with block positions 1, 2, ...), restricted as the module docstring says. Returns the word.
+
+    The whole sequence is recomputed for each token (contexts are one sentence); ``fill_blanks``
+    has no way to restrict the tokens it may draw."""
+    special = tokenizer.special_ids
+    context = encode_context(tokenizer, text)
+    (position,) = mask_positions(context, special)
+    device = next(model.parameters()).device
+    starts, continues = (mask.to(device) for mask in _word_tokens(tokenizer, model.config.vocab_size))
+    ids, positions, blocks = [*context, special.sop], [*range(len(context)), position], [0] * len(context) + [1]
+    sep = torch.tensor([len(context)], device=device)
+    word: list[int] = []
+    while len(word) < max_new_tokens:
+        logits = model(torch.tensor([ids], device=device), torch.tensor([[positions, blocks]], device=device), sep)
+        allowed = continues.clone() if word else starts.clone()
+        allowed[special.eop] = bool(word)
+        if not allowed.any():  # a vocabulary without such word tokens
+            break
+        token = int(logits[0, -1].masked_fill(~allowed, float("-inf")).argmax())
+        if token == special.eop:
+            break
+        word.append(token)
+        ids.append(token)
+        positions.append(position)
+        blocks.append(len(word) + 1)
+    return tokenizer.decode(word)
 
 
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:

@@ -2,8 +2,9 @@
 
 - :func:`init_distributed` joins the process group that ``torchrun`` describes in the environment
   (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), or runs as a single
-  process when launched without it; :func:`backend_for` picks the collective backend from the device
-  type (PyTorch's own table: gloo on the CPU, nccl on CUDA); :func:`close_distributed` tears down.
+  process when launched without it; :func:`current_context` says where a process stands later on;
+  :func:`backend_for` picks the collective backend from the device type (PyTorch's own table: gloo
+  on the CPU, nccl on CUDA); :func:`close_distributed` tears down.
 - :func:`apply_ddp` wraps a model in ``DistributedDataParallel``; :func:`apply_fsdp` shards it with
   FSDP2 (``fully_shard``: one unit per transformer layer, then the root).
 - A step of ``K`` micro-batches (:mod:`glm_ext.data.steps` shares the rows out):
@@ -18,7 +19,9 @@
   optimizer with ``torch.distributed.checkpoint``: a directory holding one file per rank (its shard)
   and a ``.metadata`` file, readable by any world size.
 - :func:`any_rank` tells every rank whether any rank raised a flag (a stop signal, say), so that
-  all ranks stop after the same step.
+  all ranks stop after the same step; :func:`on_main_process` runs what only rank 0 does (taking a
+  lock, writing a file) so that every rank learns its result, or that it failed
+  (:class:`RankFailed`), instead of waiting forever for a rank that gave up.
 
 The helpers work unchanged in a single process (no process group): wrappers are then not needed
 and collectives are identities. Nothing here names a device type.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -37,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -52,6 +57,7 @@ from glm_ext.data.blank_infilling import BlankInfillingBatch
 from glm_ext.data.collate import PackedBatch
 from glm_ext.data.steps import batch_logits
 from glm_ext.model import lm_loss
+from glm_ext.progress import is_main_process  # the one notion of the main process (rank 0)
 
 __all__ = [
     "DistributedContext",
@@ -62,7 +68,9 @@ __all__ = [
     "apply_fsdp",
     "backend_for",
     "clip_grad_norm",
+    "RankFailed",
     "close_distributed",
+    "current_context",
     "full_model_state_dict",
     "gradient_sync",
     "init_distributed",
@@ -70,6 +78,7 @@ __all__ = [
     "load_full_model_state_dict",
     "load_optimizer_state",
     "micro_batches",
+    "on_main_process",
     "save_optimizer_state",
 ]
 
@@ -143,18 +152,32 @@ def init_distributed(device: torch.device | str) -> DistributedContext:
         backend=backend_for(device), rank=rank, world_size=world_size,
         device_id=device if device.type != "cpu" else None,
     )
-    return DistributedContext(rank, local_rank, world_size, device)
+    return current_context(device)
+
+
+def current_context(device: torch.device | str) -> DistributedContext:
+    """Where this process stands: in the process group it joined (:func:`init_distributed`; an
+    accelerator ``device`` becomes the current one, numbered ``LOCAL_RANK``), or alone. A process
+    that torchrun started with other ranks but that has not joined their group is an error (it
+    would train alone and write the run directory beside them)."""
+    device = torch.device(device)
+    if not dist.is_initialized():
+        world_size = _env_int("WORLD_SIZE", default=1)
+        if world_size > 1:
+            raise ValueError(f"torchrun started this process as one of WORLD_SIZE={world_size}, but it has not "
+                             "joined their process group: call glm_ext.distributed.init_distributed first (glm-ext "
+                             "train does)")
+        return DistributedContext(0, 0, 1, device)
+    if device.type != "cpu":
+        device = torch.device(device.type, torch.accelerator.current_device_index())
+    rank = dist.get_rank()
+    return DistributedContext(rank, _env_int("LOCAL_RANK", default=rank), dist.get_world_size(), device)
 
 
 def close_distributed() -> None:
     """Leaves the process group (nothing to do in a single process)."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files and logs."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def _world_size() -> int:
@@ -169,6 +192,32 @@ def any_rank(flag: bool, device: torch.device | str) -> bool:
     raised = torch.tensor([int(bool(flag))], device=device)
     dist.all_reduce(raised, op=dist.ReduceOp.MAX)
     return bool(raised.item())
+
+
+class RankFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed at something only it does (rank 0 raises, and
+    reports, its own error)."""
+
+
+def on_main_process(work: Callable[[], T]) -> T:
+    """``work()`` run on rank 0 alone, its result (picklable) returned on every rank: a collective,
+    every rank calls it and waits for rank 0. When ``work`` raises on rank 0, rank 0 raises that
+    error and every other rank :class:`RankFailed` naming it. In a single process it just runs."""
+    if not dist.is_initialized():
+        return work()
+    message: list[Any] = [None, None]  # (the error's description or None, the result)
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            message[1] = work()
+        except Exception as exc:  # told to the other ranks, then raised here
+            error, message = exc, [f"{type(exc).__name__}: {exc}", None]
+    dist.broadcast_object_list(message, src=0)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise RankFailed(f"rank 0 failed: {message[0]}")
+    return message[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,22 +359,38 @@ def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Loads a whole state dict (e.g. ``load_checkpoint(...).state_dict()``, on every rank) into a
-    plain, DDP or FSDP2 model; each rank keeps its shard."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    """Loads a whole state dict (e.g. ``load_checkpoint(...).state_dict()``) into a plain, DDP or
+    FSDP2 model; each rank keeps its shard. In a process group only rank 0's ``state`` is read
+    (broadcast to the others, which may pass an empty dict); a collective."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
+    set_model_state_dict(model, state, options=options)
 
 
 def save_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """Writes the optimizer's state into ``directory`` with ``torch.distributed.checkpoint``: each
     rank writes its own shard (FSDP2) or, for replicated state (DDP), rank 0 writes it once. A
-    collective: every rank calls it with the same directory (on a file system all ranks share)."""
+    collective: every rank calls it with the same directory (on a file system all ranks share).
+    OSError, naming the directory and the ranks, when a rank fails to write."""
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.save(state, checkpoint_id=Path(directory), no_dist=not dist.is_initialized())
+    _checkpoint_io(dcp.save, state, directory, "write")
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str | os.PathLike) -> None:
     """Reads what :func:`save_optimizer_state` wrote, resharded for this world size and wrapper
     (a collective)."""
     state: dict[str, Any] = {"optimizer": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=Path(directory), no_dist=not dist.is_initialized())
+    _checkpoint_io(dcp.load, state, directory, "read")
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _checkpoint_io(method: Callable[..., Any], state: dict[str, Any], directory: str | os.PathLike, verb: str) -> None:
+    """``dcp.save`` or ``dcp.load`` of ``state`` at ``directory``; its failure (reported by every
+    rank) as one OSError."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process, as meant
+        try:
+            method(state, checkpoint_id=Path(directory), no_dist=not dist.is_initialized())
+        except CheckpointException as exc:
+            failures = "; ".join(f"rank {rank}: {type(error).__name__}: {error}"
+                                 for rank, (error, _trace) in sorted(exc.failures.items()))
+            raise OSError(f"could not {verb} the optimizer state {directory} ({failures})") from exc

@@ -8,9 +8,10 @@ written. Keys (absent when not measured at that step):
 ``loss``              mean training loss over the steps since the previous line
 ``lr``                learning rate of the last of those steps
 ``grad_norm``         gradient norm of the last of those steps, before clipping
-``tokens_per_second`` training throughput since the previous line
-``tokens_seen``       training tokens (padding included) consumed since the start of the run
-``padding_share``     share of padding among the tokens since the previous line
+``tokens_per_second`` training throughput since the previous line (real tokens, all processes)
+``tokens_seen``       real training tokens (Part A and Part B, no padding) since the start of the run
+``padding_share``     share of padding among the positions computed since the previous line (packed
+                      rows: and ``padding_share_without_packing``, the share as padded rows)
 ``eval_loss``         held-out loss (mean cross-entropy over all held-out Part B tokens)
 ``eval_accuracy``     held-out blank-infilling token accuracy (argmax = target, same tokens)
 ``wall_time``         Unix time of the line

@@ -12,14 +12,20 @@ A run directory (``TrainConfig.output_dir``, what ``glm-ext generate/plot RUN_DI
     checkpoints/step-00000400/
         model/                        glm_ext.checkpoint format (model.safetensors, config.json,
                                       manifest.json with the tokenizer's SHA-256 as metadata)
-        trainer_state.pt              optimizer, step, data stream, collator, RNG states
-        manifest.json                 size and SHA-256 of trainer_state.pt
+        optimizer/                    the optimizer state, torch.distributed.checkpoint format: a
+                                      .metadata file and one __R_0.distcp file per writing rank R
+                                      (readable by any number of processes)
+        trainer_state.pt              step, data stream, collator, history, configuration
+        manifest.json                 size and SHA-256 of trainer_state.pt and optimizer/*
 
 Guarantees (README "Reliability"):
 
 * A checkpoint directory is assembled under a temporary name and renamed into place once complete
   (:func:`glm_ext.files.staged_directory`), then ``latest`` is replaced atomically, so a crash at
-  any point leaves the previous checkpoints and ``latest`` intact.
+  any point leaves the previous checkpoints and ``latest`` intact. In a distributed run every rank
+  writes its optimizer shard into the staging directory that rank 0 made, and rank 0 renames it
+  into place once all have written (:meth:`RunDirectory.staged_checkpoint`): the run directory must
+  be on a file system that every rank sees.
 * One trainer at a time: :meth:`RunDirectory.lock` takes an exclusive ``flock`` on ``train.lock``
   (the kernel drops it when the process ends, however it ends), and refuses a second trainer,
   naming the directory and the pid holding it. Whoever takes the lock first removes the temporaries
@@ -60,7 +66,7 @@ from glm_ext.files import (
     write_file_atomically,
     write_manifest,
 )
-from glm_ext.model import GLMModel
+from glm_ext.model import GLMConfig, GLMModel
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -70,6 +76,7 @@ __all__ = [
     "LOSS_PLOT_FILE",
     "METRICS_FILE",
     "MODEL_DIR",
+    "OPTIMIZER_DIR",
     "STATE_FILE",
     "TENSORBOARD_DIR",
     "TOKENIZER_FILE",
@@ -89,6 +96,7 @@ LATEST_FILE = "latest"
 LOCK_FILE = "train.lock"
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
 STATE_FILE = "trainer_state.pt"
 CHECKPOINT_PREFIX = "step-"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE, LATEST_FILE)  # written atomically in the root
@@ -234,24 +242,36 @@ class RunDirectory:
                 pass
             write_file_atomically(self.path / name, lambda f: f.write(text))
 
-    def save_checkpoint(
-        self, step: int, model: GLMModel, trainer_state: dict[str, Any], *, keep: int, tokenizer_sha256: str
-    ) -> Path:
-        """Writes checkpoint ``step`` (the model, ``trainer_state`` and their checksums) atomically,
-        points ``latest`` at it, then removes all but the newest ``keep`` of the checkpoints before
-        it (later ones, left by a damaged checkpoint that was skipped, stay). Returns its directory."""
+    @contextlib.contextmanager
+    def staged_checkpoint(self, step: int, *, keep: int) -> Iterator[Path]:
+        """The staging directory of checkpoint ``step`` for the block to fill (:meth:`write_checkpoint`,
+        and, in a distributed run, every rank's optimizer shard under ``OPTIMIZER_DIR``). When the
+        block succeeds the checkpoint is synced and renamed into place, ``latest`` points at it and
+        all but the newest ``keep`` of the checkpoints before it are removed (later ones, left by a
+        damaged checkpoint that was skipped, stay); when it fails the staging directory goes and
+        the previous checkpoints stay as they were. Holds the lock throughout."""
         target = self.checkpoint_dir(step)
         with self.lock():
             with staged_directory(target) as staging:
-                save_checkpoint(model, staging / MODEL_DIR, metadata={TOKENIZER_SHA256: tokenizer_sha256})
-                with open(staging / STATE_FILE, "wb") as out:
-                    torch.save(trainer_state, out)
-                write_manifest(staging, [STATE_FILE])
+                yield staging
             self._point_latest_at(target)
             earlier = [p for p in self.checkpoints() if _step_of(p) < step]
             for path in earlier[: max(0, len(earlier) - (keep - 1))]:
                 remove_directory(path)
-        return target
+
+    @staticmethod
+    def write_checkpoint(
+        staging: Path, weights: dict[str, torch.Tensor], config: GLMConfig, trainer_state: dict[str, Any], *,
+        tokenizer_sha256: str,
+    ) -> None:
+        """Writes the model (``weights`` of a ``config`` model, in the ``glm_ext.checkpoint`` format) and
+        ``trainer_state`` into ``staging``, then the manifest: the checksums of the trainer state and of
+        the optimizer files already there. The last step of filling :meth:`staged_checkpoint`."""
+        save_checkpoint(weights, staging / MODEL_DIR, config=config, metadata={TOKENIZER_SHA256: tokenizer_sha256})
+        with open(staging / STATE_FILE, "wb") as out:
+            torch.save(trainer_state, out)
+        optimizer = sorted(str(p.relative_to(staging)) for p in (staging / OPTIMIZER_DIR).rglob("*") if p.is_file())
+        write_manifest(staging, [STATE_FILE, *optimizer])
 
     def _point_latest_at(self, checkpoint: Path) -> None:
         if self.latest_file.is_dir() and not self.latest_file.is_symlink():
@@ -283,7 +303,8 @@ class RunDirectory:
         return present[-1]
 
     def load_checkpoint(self, path: Path, *, map_location: str | torch.device = "cpu") -> tuple[GLMModel, dict]:
-        """(model, trainer state) of the checkpoint directory ``path``, its files verified first.
+        """(model, trainer state) of the checkpoint directory ``path``, its files verified first (the
+        optimizer state stays in ``path / OPTIMIZER_DIR``, verified too).
 
         Raises :class:`~glm_ext.files.CorruptFileError` or FileNotFoundError naming the damaged or
         missing file.
@@ -331,7 +352,7 @@ class RunDirectory:
 
 
 def _read_trainer_state(path: Path) -> dict[str, Any]:
-    """A trainer state written by :meth:`RunDirectory.save_checkpoint`; only tensors and plain values
+    """A trainer state written by :meth:`RunDirectory.write_checkpoint`; only tensors and plain values
     are unpickled (``weights_only=True``, never anything else for our own files)."""
     try:
         with warnings.catch_warnings():  # torch's remarks on foreign pickles: the error below says it all

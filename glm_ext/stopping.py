@@ -4,11 +4,15 @@ send before preemption) become a request that the training loop honours at the n
 
 :class:`StopSignals` installs the handlers for the duration of a ``with`` block and restores the
 previous ones afterwards. The loop asks :meth:`StopSignals.requested` after every step; that one
-method is the whole interface, so that a distributed run can make the answer collective (every rank
-must stop after the same step, e.g. by all-reducing the local answer) without touching the loop.
+method is the whole interface (a test may pass any object that has it). In a distributed run the
+trainer makes the answer collective (:func:`glm_ext.distributed.any_rank`): a signal to any rank
+stops every rank after the same step.
 
 A second SIGINT while a stop is pending aborts at once (``KeyboardInterrupt``), as users expect of a
-second Ctrl-C; checkpoints are written atomically, so the previous one stays intact.
+second Ctrl-C; checkpoints are written atomically, so the previous one stays intact. Not under
+torchrun (``abort_on_second_interrupt=False``): torchrun forwards a Ctrl-C it receives to every rank,
+which then sees it twice, and torchrun itself kills ranks that are not done after its
+``--shutdown-timeout`` (30 s by default).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ class StopSignals:
     :meth:`requested` stays False.
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> None:
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS, *,
+                 abort_on_second_interrupt: bool = True) -> None:
         self.signals = signals
+        self.abort_on_second_interrupt = abort_on_second_interrupt
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
 
@@ -51,13 +57,15 @@ class StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None and signum == signal.SIGINT:
+        if self.received is not None and signum == signal.SIGINT and self.abort_on_second_interrupt:
             self._restore()
             raise KeyboardInterrupt
+        if self.received is not None:
+            return
         self.received = signal.Signals(signum)
         print(
             f"\nreceived {self.received.name}: stopping after this step and saving a checkpoint"
-            + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT else ""),
+            + (" (Ctrl-C again aborts at once)" if signum == signal.SIGINT and self.abort_on_second_interrupt else ""),
             file=sys.stderr, flush=True,
         )
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 from glm_ext import cli
-from training_testing import make_training_data, temporaries
+from training_testing import make_training_data, temporaries, wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
@@ -117,15 +117,6 @@ def rerun(data: Path, run: Path) -> tuple[int, str, str]:
 def start(data: Path, run: Path, **fault: str) -> subprocess.Popen:
     return subprocess.Popen(command(data, run, fault), env=environment(fault), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"the run ended before printing {text!r}: {''.join(lines)}{process.stderr.read()}")
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:

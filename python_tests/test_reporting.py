@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -200,3 +201,21 @@ def test_exact_match_score_by_hand():
     assert len(calls) == 4
     with pytest.raises(ValueError, match="as many predictions"):
         cloze.exact_match([], [])
+
+
+def test_fill_word_gives_one_lowercase_word():
+    import torch
+
+    from glm_ext.model import GLMConfig, GLMModel
+    from glm_ext.tokenizer import GLMTokenizer
+
+    tokenizer = GLMTokenizer.train([HAND_MADE] * 20, 450)
+    torch.manual_seed(0)
+    model = GLMModel(GLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size, num_layers=1)).eval()
+    for seed in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
+        word = cloze.fill_word(model, tokenizer, "The parser reads every [MASK] of the input stream.", max_new_tokens=3)
+        assert re.fullmatch(r" [a-z]{4,}", word), word  # a space, then 4+ lowercase letters
+        assert len(tokenizer.encode(word)) <= 3

@@ -31,11 +31,11 @@ def raw_gradients(model, batch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("grad_clip", [0.05, 0.0, 1e6])
 def test_gradients_are_clipped_to_the_configured_norm(data, tmp_path, grad_clip):
     trainer = Trainer(small_config(data, tmp_path, grad_clip=grad_clip), log=quiet)
-    batch = trainer.next_batch()
+    (batch,) = trainer.next_batches()
     raw = raw_gradients(trainer.model, batch)
     norm = math.sqrt(sum(float(g.pow(2).sum()) for g in raw.values()))
     assert norm > 0.5  # so that a clip to 0.05 changes the gradients a lot
-    trainer.train_step(batch)
+    trainer.train_step([batch])
     scale = grad_clip / norm if 0 < grad_clip < norm else 1.0
     for name, parameter in trainer.model.named_parameters():
         expected = raw[name] * scale  # the trainer's loss runs in float32: allow its rounding

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,7 @@ from glm_ext import cli, progress
 from glm_ext.checkpoint import is_checkpoint, load_checkpoint, save_authors_checkpoint
 from glm_ext.cli.config_options import add_dataclass_options, option_values
 from glm_ext.data import BlankInfillingConfig, default_corpus, prepare_token_file
+from glm_ext.files import write_manifest
 from glm_ext.metrics import read_metrics
 from glm_ext.model import PRESETS, GLMConfig, GLMModel
 from glm_ext.tokenizer import GLMTokenizer
@@ -81,6 +83,11 @@ def crash_at(prefix: str):
     return log
 
 
+def row_lengths(batches) -> int:
+    """The real tokens of padded batches: each row's Part A (``sep``) and Part B (its loss tokens)."""
+    return sum(int(batch.sep.sum()) + int(batch.loss_mask.sum()) for batch in batches)
+
+
 def window_means(history: list[dict], ends: list[int]) -> list[float]:
     """The mean training loss of each logging window (the steps after the previous end up to each end)."""
     means, start = [], 0
@@ -115,7 +122,7 @@ def test_resume_is_exact(data, tmp_path):
 
     first = Trainer(small_config(data, tmp_path / "split", **config), log=quiet)
     for _ in range(3):
-        first.train_step(first.next_batch())
+        first.train_step(first.next_batches())
     first.save()
     second = Trainer(small_config(data, tmp_path / "split", **config), log=quiet)
     assert second.resume() and second.step == 3
@@ -128,6 +135,27 @@ def test_resume_is_exact(data, tmp_path):
     assert second.stream.state_dict() == straight.stream.state_dict()
     saved = load_checkpoint(latest_checkpoint(tmp_path / "split") / "model")
     assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), straight.model.state_dict().values()))
+
+
+def test_a_checkpoint_of_an_older_layout_resumes_exactly(data, tmp_path):
+    # Before several processes, trainer_state.pt held the optimizer (and RNG states); no optimizer/.
+    config = dict(dtype="float64", steps=4, warmup=2)
+    straight = Trainer(small_config(data, tmp_path / "straight", **config), log=quiet)
+    straight.fit(evaluate_first=False)
+    old = Trainer(small_config(data, tmp_path / "old", **config), log=quiet)
+    for _ in range(2):
+        old.train_step(old.next_batches())
+    path = old.save()
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    state.update(optimizer=old.optimizer.state_dict(), rng={"torch": torch.get_rng_state()})
+    torch.save(state, path / "trainer_state.pt")
+    shutil.rmtree(path / "optimizer")
+    write_manifest(path, ["trainer_state.pt"])
+    resumed = Trainer(small_config(data, tmp_path / "old", **config), log=quiet)
+    assert resumed.resume() and resumed.step == 2
+    resumed.fit(evaluate_first=False)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], value), name
 
 
 def test_resume_refuses_other_data_settings(data, tmp_path):
@@ -144,10 +172,14 @@ def test_metrics_have_one_line_per_logged_step_across_a_crash_and_resume(data, t
     expected = read_metrics(tmp_path / "straight")
     assert [r["step"] for r in expected] == [2, 4, 6, 8]
     assert [r["loss"] for r in expected] == pytest.approx(window_means(straight.history, [2, 4, 6, 8]), rel=1e-12)
-    assert [r["tokens_seen"] for r in expected] == [2 * 4 * 48, 4 * 4 * 48, 6 * 4 * 48, 8 * 4 * 48]
+    replay = Trainer(small_config(data, tmp_path / "replay", **settings), log=quiet)
+    real = [row_lengths(replay.next_batches()) for _ in range(8)]  # the steps' real tokens (no padding)
+    assert [r["tokens_seen"] for r in expected] == [sum(real[:s]) for s in (2, 4, 6, 8)]
+    assert [r["padding_share"] for r in expected] == pytest.approx(
+        [1 - (real[s - 2] + real[s - 1]) / (2 * 4 * 48) for s in (2, 4, 6, 8)], rel=1e-12)
     assert [r["lr"] for r in expected] == pytest.approx([straight.lr_schedule(s - 1) for s in (2, 4, 6, 8)])
     for record in expected:
-        assert 0 <= record["padding_share"] < 1 and record["grad_norm"] > 0 and record["tokens_per_second"] > 0
+        assert 0 < record["padding_share"] < 1 and record["grad_norm"] > 0 and record["tokens_per_second"] > 0
         assert record["wall_time"] > 1e9
     assert "eval_loss" not in expected[0] and 0 <= expected[-1]["eval_accuracy"] <= 1
     assert expected[-1]["eval_loss"] == pytest.approx(straight.evaluate()["eval_loss"], rel=1e-12)
@@ -222,19 +254,27 @@ def test_train_step_uses_the_schedule_and_decays_only_matrices(data, tmp_path):
     assert all(p.ndim == 2 and "layernorm" not in names[id(p)] for p in decay["params"])
     assert {names[id(p)] for p in no_decay["params"]} >= {"transformer.final_layernorm.weight",
                                                           "transformer.layers.0.attention.dense.bias"}
+    real = 0
     for step in range(3):
-        trainer.train_step(trainer.next_batch())
+        batches = trainer.next_batches()
+        real += row_lengths(batches)
+        trainer.train_step(batches)
         assert decay["lr"] == pytest.approx(1e-2 * (step + 1) / 4)
-    assert trainer.step == 3 and trainer.tokens_seen == 3 * 4 * 48
+    trainer.log_metrics()
+    assert trainer.step == 3 and trainer.tokens_seen == real and 0 < real < 3 * 4 * 48
 
 
 def test_checkpoints_are_atomic(data, tmp_path, monkeypatch):
     trainer = Trainer(small_config(data, tmp_path, steps=10), log=quiet)
-    trainer.train_step(trainer.next_batch())
+    trainer.train_step(trainer.next_batches())
     good = trainer.save()
-    trainer.train_step(trainer.next_batch())
+    trainer.train_step(trainer.next_batches())
 
-    def failing_save(obj, f, *args, **kwargs):
+    real_save = torch.save
+
+    def failing_save(obj, f, *args, **kwargs):  # the trainer state fails, after the weights and the optimizer
+        if Path(getattr(f, "name", "")).name != "trainer_state.pt":
+            return real_save(obj, f, *args, **kwargs)
         f.write(b"partial")
         raise OSError("disk full")
 

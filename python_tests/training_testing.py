@@ -1,9 +1,10 @@
 """A small corpus, tokenizer and trainer configuration for the tests of training runs
-(test_run_dir.py, test_trainer_steps.py, test_faults.py)."""
+(test_run_dir.py, test_trainer_steps.py, test_faults.py, test_training_distributed.py)."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from glm_ext.data import default_corpus, prepare_token_file
@@ -42,3 +43,14 @@ def quiet(_line: str) -> None:
 def temporaries(directory: Path) -> list[str]:
     """Every leftover temporary (``.<name>.<tag>.tmp``) anywhere under ``directory``."""
     return sorted(str(p.relative_to(directory)) for p in directory.rglob(".*.tmp"))
+
+
+def wait_for_line(process: subprocess.Popen, text: str) -> list[str]:
+    """The lines a training process prints up to the first holding ``text`` (AssertionError when it
+    ends before)."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"the run ended before printing {text!r}: {''.join(lines)}{process.stderr.read()}")

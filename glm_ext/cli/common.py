@@ -8,8 +8,9 @@ import sys
 import warnings
 from collections.abc import Callable
 
-# Failures a user can act on (a missing file, a bad value, a diverging run): printed as one line.
-USER_ERRORS = (OSError, ValueError, FloatingPointError)
+# Failures a user can act on (a missing file, a bad value, a diverging run, an optional package not
+# installed, e.g. sentencepiece for the Chinese tokenizers): printed as one line.
+USER_ERRORS = (OSError, ValueError, FloatingPointError, ImportError)
 INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 
 
@@ -26,7 +27,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def reports_errors(run: Callable[..., int]) -> Callable[..., int]:
     """Wraps a command's ``run`` so that the errors of ``USER_ERRORS`` end it with one line and
     status 1, an interrupt (a second Ctrl-C) with one line and status 130, and warnings print as
-    ``warning: ...`` lines."""
+    ``warning: ...`` lines. In a distributed run, a rank whose peer failed (``RankFailed``) ends
+    with status 1 and leaves the message to the rank that failed."""
 
     @functools.wraps(run)
     def wrapper(*args, **kwargs) -> int:
@@ -38,5 +40,11 @@ def reports_errors(run: Callable[..., int]) -> Callable[..., int]:
                 return error(str(exc))
             except KeyboardInterrupt:
                 return error("interrupted (checkpoints already written are intact)", INTERRUPTED)
+            except Exception as exc:
+                from glm_ext.distributed import RankFailed  # only a distributed run raises it
+
+                if isinstance(exc, RankFailed):
+                    return 1  # the rank that failed has reported its error
+                raise
 
     return wrapper

@@ -3,6 +3,10 @@
 The options are generated from ``TrainConfig`` (:mod:`glm_ext.cli.config_options`): every field is
 an option, with the field's help and default. ``--config FILE`` reads field values from a JSON or
 YAML file (e.g. a run's ``train_config.json``); flags override it.
+
+Under ``torchrun`` (``torchrun --nproc-per-node N -m glm_ext train ...``) each process joins the
+process group torchrun describes (:func:`glm_ext.distributed.init_distributed`) and trains as one
+rank of the run; only rank 0 prints and writes the run's files.
 """
 
 from __future__ import annotations
@@ -49,10 +53,9 @@ def add_parser(commands) -> None:
 
 @reports_errors
 def run(args: argparse.Namespace) -> int:
-    from glm_ext.plot import plot_runs
-    from glm_ext.progress import is_main_process
-    from glm_ext.run_dir import RunDirectory
-    from glm_ext.training import TrainConfig, Trainer
+    from glm_ext.devices import resolve_device
+    from glm_ext.distributed import close_distributed, init_distributed
+    from glm_ext.training import TrainConfig
 
     values = read_config_file(args.config) if args.config else {}
     values.update(option_values(args, TrainConfig))
@@ -63,14 +66,31 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         return error(f"train needs {', '.join(missing)}: --data PREFIX (or train_data in --config)", 2)
     config = TrainConfig.from_dict(values)
+    init_distributed(resolve_device(config.device))  # joins torchrun's process group (nothing without torchrun)
+    try:
+        return _train(config)
+    finally:
+        close_distributed()
+
+
+def _train(config) -> int:
+    from glm_ext.plot import plot_runs
+    from glm_ext.progress import is_main_process
+    from glm_ext.run_dir import RunDirectory
+    from glm_ext.training import Trainer
+
     say = print if is_main_process() else (lambda line: None)
     trainer = Trainer(config)
     if trainer.resume():
         say(f"resumed {config.output_dir} at step {trainer.step}")
     if trainer.step < config.steps:
         parameters = sum(p.numel() for p in trainer.model.parameters())
+        layout = trainer.layout
+        shared = (f" on {layout.world_size} processes ({config.parallel})" if layout.world_size > 1 else "") + (
+            f", {layout.grad_accum} micro-batches of {layout.micro_batch_size} rows per process"
+            if layout.grad_accum > 1 else "")
         say(f"training {parameters:,} parameters ({trainer.model.config}) on {trainer.device} from step "
-            f"{trainer.step} to {config.steps}, {config.batch_size} x {config.max_length} tokens a step")
+            f"{trainer.step} to {config.steps}, {config.batch_size} x {config.max_length} tokens a step{shared}")
     summary = trainer.fit()
     if not summary["complete"] and is_main_process():
         plot = plot_runs([config.output_dir], RunDirectory(config.output_dir).loss_plot_file)

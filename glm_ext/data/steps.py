@@ -27,7 +27,7 @@ from glm_ext.data.blank_infilling import BlankInfillingBatch
 from glm_ext.data.collate import BlankInfillingCollator, PackedBatch, pack_samples, unpad_rows
 from glm_ext.data.datasets import PackedRowStream
 
-__all__ = ["StepLayout", "batch_logits", "batch_to", "next_step_batches", "pack_batch", "padding_share"]
+__all__ = ["StepLayout", "batch_logits", "batch_to", "next_step_batches", "pack_batch", "padding_share", "real_tokens"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,8 @@ class StepLayout:
         parts = grad_accum * world_size
         if global_batch_size < 1 or global_batch_size % parts:
             raise ValueError(
-                f"the global batch of {global_batch_size} rows does not split into grad_accum={grad_accum} x "
-                f"world_size={world_size} equal micro-batches"
+                f"the global batch of {global_batch_size} rows (batch_size) does not split into "
+                f"grad_accum={grad_accum} x world_size={world_size} equal micro-batches: choose a multiple of {parts}"
             )
         return cls(global_batch_size // parts, grad_accum, world_size, rank)
 
@@ -102,13 +102,17 @@ def pack_batch(batch: BlankInfillingBatch, *, pad_id: int) -> PackedBatch:
     return packed
 
 
+def real_tokens(batch: BlankInfillingBatch | PackedBatch) -> torch.Tensor:
+    """How many of a batch's token positions are not padding (every sample's Part A and Part B), as
+    an int64 scalar on the batch's device (reading it waits for the device)."""
+    if isinstance(batch, PackedBatch):
+        return batch.cu_seqlens[-1].to(torch.int64)
+    return batch.sep.to(torch.int64).sum() + batch.loss_mask.sum(dtype=torch.int64)
+
+
 def padding_share(batch: BlankInfillingBatch | PackedBatch) -> float:
     """The share of a batch's token positions that are padding (what the model computes for nothing)."""
-    if isinstance(batch, PackedBatch):
-        real = int(batch.cu_seqlens[-1])
-    else:
-        real = int(batch.sep.to(torch.int64).sum() + batch.loss_mask.sum())
-    return 1.0 - real / batch.tokens.numel()
+    return 1.0 - int(real_tokens(batch)) / batch.tokens.numel()
 
 
 def batch_to(batch: Any, device: torch.device | str) -> Any:

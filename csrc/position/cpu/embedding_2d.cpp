@@ -5,7 +5,8 @@
 // from memory, not cache), the backward writes three dense gradient tables, mostly zeros. The
 // forward prefetches the rows of the tokens a few places ahead and sums them with the widest
 // vectors the CPU has (per-ISA loops, cpu_isa()); the backward writes every gradient row exactly
-// once, the rows no token uses with streaming stores (no read of the line before the write).
+// once (zeros, or the sum of its tokens' rows), where zeroing the tables first wrote the used rows
+// twice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,10 +18,6 @@
 
 #include "common/cpu_isa.h"
 #include "position/position_ops.h"
-
-#if GLM_EXT_X86_KERNELS
-#include <immintrin.h>
-#endif
 
 namespace glm_ext {
 namespace {
@@ -141,23 +138,6 @@ at::Tensor embedding_2d_cpu(const at::Tensor& input_ids, const at::Tensor& posit
 // ---------------------------------------------------------------------------------------------
 // Backward: grad_table[r] = sum of grad_output rows of the tokens whose id is r, in token order.
 
-// Zeros `bytes` at dst with streaming stores where the platform has them (x86-64: 16-byte
-// non-temporal stores; the caller fences), else memset.
-void zero_streaming(void* dst, int64_t bytes) {
-#if GLM_EXT_X86_KERNELS
-  char* p = static_cast<char*>(dst);
-  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<uintptr_t>(p) % 16) % 16);
-  std::memset(p, 0, head);
-  p += head;
-  bytes -= head;
-  const __m128i zero = _mm_setzero_si128();
-  for (; bytes >= 16; bytes -= 16, p += 16) _mm_stream_si128(reinterpret_cast<__m128i*>(p), zero);
-  std::memset(p, 0, bytes);
-#else
-  std::memset(dst, 0, bytes);
-#endif
-}
-
 template <typename scalar_t>
 GLM_EXT_ALWAYS_INLINE void add_rows_impl(const scalar_t* grad, const int64_t* tokens, int64_t count,
                                          int64_t hidden, int64_t col0, int64_t width,
@@ -232,11 +212,8 @@ void table_grad(const scalar_t* grad, const index_t* ids, int64_t tokens, int64_
   at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)),
                    [&](int64_t begin, int64_t end) {
                      for (int64_t r = begin; r < end; ++r) {
-                       if (row_start[r + 1] == row_start[r]) zero_streaming(table_grad + r * hidden, row_bytes);
+                       if (row_start[r + 1] == row_start[r]) std::memset(table_grad + r * hidden, 0, row_bytes);
                      }
-#if GLM_EXT_X86_KERNELS
-                     _mm_sfence();
-#endif
                    });
   constexpr int64_t kColumnBlock = 256;
   const int64_t column_blocks = (hidden + kColumnBlock - 1) / kColumnBlock;

@@ -47,28 +47,38 @@ void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t dim, T
   }
 }
 
-// The rows [len, dp] of one head of one sample of q, k, v or grad_out, converted to the
-// accumulation type and padded with zeros, reused while the head stays the same. A copy even for
-// float32 inputs: rows 2^k bytes apart in the input (heads x head_dim of them) share a few L1 sets
-// and would be evicted while a product reads them again.
+// The rows [rows, dp] of one head of one sample of q, k, v or grad_out, converted to the
+// accumulation type and padded with zeros, reused while the head stays the same and copied only as
+// far as they are asked for (the blocks of a head ask for more keys as their queries go on). A copy
+// even for float32 inputs: rows 2^k bytes apart in the input (heads x head_dim of them) share a few
+// L1 sets and would be evicted while a product reads them again.
 template <typename T>
 class HeadRows {
  public:
-  explicit HeadRows(int64_t dim) : dim_(dim), dp_(padded_head_dim<T>(dim)) {}
+  // Room for max_rows rows is reserved (not touched) up front: growing never reallocates.
+  HeadRows(int64_t dim, int64_t max_rows) : dim_(dim), dp_(padded_head_dim<T>(dim)) {
+    rows_.reserve(max_rows * dp_);
+  }
 
+  // Makes rows [0, rows <= max_rows) of (sample, head) available; src points at row 0.
   template <typename scalar_t>
-  void load(int64_t sample, int64_t head, const scalar_t* src, int64_t stride, int64_t len) {
-    if (sample == sample_ && head == head_) return;
-    sample_ = sample;
-    head_ = head;
-    rows_.assign(len * dp_, T(0));
-    load_rows(src, stride, len, dim_, rows_.data(), dp_);
+  void load(int64_t sample, int64_t head, const scalar_t* src, int64_t stride, int64_t rows) {
+    if (sample != sample_ || head != head_) {
+      sample_ = sample;
+      head_ = head;
+      loaded_ = 0;
+    }
+    if (rows <= loaded_) return;
+    // Grown with zeros, written only in the columns [0, dim): the padding columns stay zero.
+    if (static_cast<int64_t>(rows_.size()) < rows * dp_) rows_.resize(rows * dp_, T(0));
+    load_rows(src + loaded_ * stride, stride, rows - loaded_, dim_, rows_.data() + loaded_ * dp_, dp_);
+    loaded_ = rows;
   }
   const T* row(int64_t r) const { return rows_.data() + r * dp_; }
 
  private:
   int64_t dim_, dp_;
-  int64_t sample_ = -1, head_ = -1;
+  int64_t sample_ = -1, head_ = -1, loaded_ = 0;
   std::vector<T> rows_;
 };
 

@@ -42,8 +42,10 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
   // Items sample-major, then head, then block: a thread's consecutive items share their keys.
   std::vector<QueryBlock> items;
   std::vector<int64_t> costs;
+  int64_t max_len_k = 0;
   for (int64_t si = 0; si < static_cast<int64_t>(samples.size()); ++si) {
     const MixedMaskSample& s = samples[si];
+    max_len_k = std::max(max_len_k, s.len_k);
     for (int64_t h = 0; h < a.heads_q; ++h) {
       for (int64_t q0 = 0; q0 < s.len_q; q0 += kTile) {
         items.push_back({si, h, q0});
@@ -54,7 +56,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
   }
 
   parallel_over_items(costs, [&](int64_t begin, int64_t end) {
-    HeadRows<T> k_rows(dim), v_rows(dim);
+    HeadRows<T> k_rows(dim, max_len_k), v_rows(dim, max_len_k);
     std::vector<T> buffer(dim * kTile + 2 * kTile * dp + kTile * kTile, T(0));
     T* qt = buffer.data();         // [dim, kTile]: the block's queries, scaled, transposed
     T* qr = qt + dim * kTile;      // [kTile, dp]: the block's queries
@@ -68,10 +70,12 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
       const auto [si, h, q0] = items[index];
       const MixedMaskSample& s = samples[si];
       const int64_t kv_head = h / group, rows = std::min(kTile, s.len_q - q0);
+      const int64_t key_end = visible_keys(s, q0 + rows - 1);  // tiles at or past it are fully masked
+      const int64_t key_rows = std::min(s.len_k, ceil_div(key_end, kTile) * kTile);  // the tiles read
       k_rows.load(si, kv_head, k + attention_offset(a.k_strides, s, s.k_start, 0, kv_head), a.k_strides.token,
-                  s.len_k);
+                  key_rows);
       v_rows.load(si, kv_head, v + attention_offset(a.v_strides, s, s.k_start, 0, kv_head), a.v_strides.token,
-                  s.len_k);
+                  key_rows);
       load_rows(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim, qr, dp);
       kernels.transpose(qr, dp, rows, dim, scale2, qt);
       for (int64_t i = 0; i < kTile; ++i) {  // padding lanes copy the last query (never written out)
@@ -80,7 +84,6 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
         col_sum[i] = 0;
       }
       std::fill(acc, acc + rows * dp, T(0));
-      const int64_t key_end = visible[rows - 1];  // tiles at or past it are fully masked
       for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
         const int64_t keys = std::min(kTile, s.len_k - k0);
         const bool masked = visible[0] < k0 + keys;  // else every query sees every key here

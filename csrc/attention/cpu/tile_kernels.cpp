@@ -42,28 +42,27 @@ GLM_EXT_ALWAYS_INLINE V select(I mask, V a, V b) {
   return (V)(((I)a & mask) | ((I)b & ~mask));
 }
 
-// 2^x of every lane. float: x = n + f with n an integer and |f| <= 1/2, 2^f by Cephes' exp2f
-// polynomial (relative error below 2e-7), 2^n through the exponent bits; below -127 the result is
-// 0 (masked lanes are -inf), NaN stays NaN. Callers pass x <= 0 up to rounding (scores minus their
-// maximum or their log-sum-exp). double: libm.
+// 2^x of every lane. float: x = n + f with n an integer and |f| <= 1/2, 2^f by a degree-5 minimax
+// polynomial (relative error below 2e-7, that of float32 scores around 1), 2^n through the exponent
+// bits; below -127 the result is 0 (masked lanes are -inf), NaN stays NaN. Callers pass x <= 0 up to
+// rounding (scores minus their maximum or their log-sum-exp); above 128 the result is undefined.
+// double: libm.
 template <typename T, int B>
 GLM_EXT_ALWAYS_INLINE typename Simd<T, B>::V exp2_lanes(typename Simd<T, B>::V x) {
   using V = typename Simd<T, B>::V;
   using I = typename Simd<T, B>::I;
   if constexpr (std::is_same_v<T, float>) {
     x = select(x < -127.0f, V{} - 127.0f, x);
-    x = select(x > 127.0f, V{} + 127.0f, x);
-    const V shifted = x + 12582912.0f;  // 1.5 * 2^23: n lands in the low mantissa bits
-    const V n = shifted - 12582912.0f;
+    const V shifted = x + 12583039.0f;  // 1.5 * 2^23 + 127: n + 127 lands in the low mantissa bits
+    const V n = shifted - 12583039.0f;
     const V f = x - n;
-    V p = V{} + 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
+    V p = V{} + 1.3264727213731118e-3f;
+    p = p * f + 9.671512812494442e-3f;
+    p = p * f + 5.550733744824626e-2f;
+    p = p * f + 2.4022242082677425e-1f;
+    p = p * f + 6.931469775973309e-1f;
     p = p * f + 1.0f;
-    const I bits = ((I)shifted - 0x4B400000 + 127) << 23;  // 2^n; n = -127 gives 0
+    const I bits = (I)shifted << 23;  // the exponent field n + 127 (the high bits shift out); 0 at -127
     return p * (V)bits;
   } else {
     for (int64_t l = 0; l < Simd<T, B>::kWidth; ++l) x[l] = std::exp2(x[l]);
@@ -173,7 +172,7 @@ GLM_EXT_ALWAYS_INLINE void softmax_columns_impl(T* st, int64_t keys, int64_t k0,
     for (int64_t u = 0; u < NV; ++u) {
       V x = load<V>(st + j * kTile + u * W);
       if (visible != nullptr) x = select(seen[u] > static_cast<LaneInt<T>>(j), x, minus_inf);
-      top[u] = select(x > top[u], x, top[u]);  // a NaN score is passed over here and spreads below
+      top[u] = x > top[u] ? x : top[u];  // a max instruction; a NaN score is passed over, spreads below
     }
   }
   V sum[NV];

@@ -13,6 +13,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -229,6 +232,21 @@ void table_grad(const scalar_t* grad, const index_t* ids, int64_t tokens, int64_
   });
 }
 
+// A gradient table of the word embeddings is hundreds of MiB, nearly all zeros, written into pages
+// the allocator has just mapped: with 4 KiB pages, faulting them in costs more than writing them
+// (measured: half of the backward's time). Asks the kernel for transparent huge pages over the
+// table's whole 2 MiB pages, as c10's allocator does under THP_MEM_ALLOC_ENABLE; only advice,
+// ignored where huge pages are off or the pages are already there.
+void advise_huge_pages(const at::Tensor& table) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
+  const uintptr_t data = reinterpret_cast<uintptr_t>(table.data_ptr());
+  const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (data + table.nbytes()) & ~(kHugePage - 1);
+  if (end >= begin + 4 * kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input_ids, const at::Tensor& position_ids,
     const at::Tensor& block_position_ids, int64_t num_words, int64_t num_positions,
@@ -242,6 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
   auto grad_word = at::empty({num_words, hidden}, grad.options());
   auto grad_pos = at::empty({num_positions, hidden}, grad.options());
   auto grad_block = at::empty({num_block_positions, hidden}, grad.options());
+  for (const at::Tensor& table : {grad_word, grad_pos, grad_block}) advise_huge_pages(table);
 
   AT_DISPATCH_INDEX_TYPES(ids.input_ids.scalar_type(), "embedding_2d_backward_cpu", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_2d_backward_cpu", [&] {

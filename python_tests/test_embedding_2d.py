@@ -103,8 +103,8 @@ def test_backward_accumulates_repeated_rows():
 
 
 def test_backward_of_a_large_mostly_unused_table():
-    # A word table of 24 MiB (the CPU kernel advises huge pages over tables this large): the few used
-    # rows hold their sums, every other row is exactly zero, as in the float64 reference.
+    # A 24 MiB word table, split over the threads into many zeroed and summed pieces: the few used rows
+    # hold their sums, every other row is exactly zero, as in the float64 reference.
     ids, tables = make_case((3, 40), 768, rows=(4096, 41, 9))
     tables = [t.requires_grad_() for t in tables]
     grad = torch.randn(3, 40, 768, dtype=torch.float64)

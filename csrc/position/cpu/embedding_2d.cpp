@@ -13,13 +13,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
-#include <cstdint>
+#include <array>
 #include <cstring>
 #include <vector>
 
 #include "common/cpu_isa.h"
+#include "common/parallel.h"
 #include "position/position_ops.h"
 
 namespace glm_ext {
@@ -186,65 +185,86 @@ void add_rows(const scalar_t* grad, const int64_t* tokens, int64_t count, int64_
   add_rows_baseline(grad, tokens, count, hidden, col0, width, acc, dst);
 }
 
-// Fills table_grad [rows, hidden] (uninitialised). A stable counting sort groups tokens by row;
-// work items are (used row, column block) pairs so that a row shared by most tokens (block
-// position 0 covers all of Part A) is split across threads, and every element is summed in the
-// same order whatever the thread count: deterministic. The unused rows are zeroed in parallel.
-template <typename scalar_t, typename index_t>
-void table_grad(const scalar_t* grad, const index_t* ids, int64_t tokens, int64_t hidden, int64_t rows,
-                scalar_t* table_grad) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<int64_t> row_start(rows + 1, 0);
+// The tokens of one table grouped by row, in token order (a stable counting sort): the tokens of
+// row r are order[row_start[r], row_start[r + 1]).
+struct RowGroups {
+  std::vector<int64_t> row_start, order;
+  int64_t count(int64_t row) const { return row_start[row + 1] - row_start[row]; }
+};
+
+template <typename index_t>
+RowGroups group_by_row(const index_t* ids, int64_t tokens, int64_t rows) {
+  RowGroups g{std::vector<int64_t>(rows + 1, 0), std::vector<int64_t>(tokens)};
   for (int64_t t = 0; t < tokens; ++t) {
     const int64_t id = ids[t];
     TORCH_CHECK_INDEX(id >= 0 && id < rows, "embedding_2d_backward: id ", id,
                       " is outside a table of ", rows, " rows");
-    ++row_start[id + 1];
+    ++g.row_start[id + 1];
   }
-  std::vector<int64_t> used_rows;
-  for (int64_t r = 0; r < rows; ++r) {
-    if (row_start[r + 1] > 0) used_rows.push_back(r);
-    row_start[r + 1] += row_start[r];
-  }
-  std::vector<int64_t> order(tokens);
-  {
-    std::vector<int64_t> next(row_start.begin(), row_start.end() - 1);
-    for (int64_t t = 0; t < tokens; ++t) order[next[ids[t]]++] = t;
-  }
-  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
-  at::parallel_for(0, rows, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(row_bytes, 1)),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r) {
-                       if (row_start[r + 1] == row_start[r]) std::memset(table_grad + r * hidden, 0, row_bytes);
-                     }
-                   });
-  constexpr int64_t kColumnBlock = 256;
-  const int64_t column_blocks = (hidden + kColumnBlock - 1) / kColumnBlock;
-  const int64_t items = static_cast<int64_t>(used_rows.size()) * column_blocks;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    acc_t acc[kColumnBlock];
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row = used_rows[item / column_blocks];
-      const int64_t col0 = (item % column_blocks) * kColumnBlock;
-      add_rows(grad, order.data() + row_start[row], row_start[row + 1] - row_start[row], hidden, col0,
-               std::min(kColumnBlock, hidden - col0), acc, table_grad + row * hidden + col0);
-    }
-  });
+  for (int64_t r = 0; r < rows; ++r) g.row_start[r + 1] += g.row_start[r];
+  std::vector<int64_t> next(g.row_start.begin(), g.row_start.end() - 1);
+  for (int64_t t = 0; t < tokens; ++t) g.order[next[ids[t]]++] = t;
+  return g;
 }
 
-// A gradient table of the word embeddings is hundreds of MiB, nearly all zeros, written into pages
-// the allocator has just mapped: with 4 KiB pages, faulting them in costs more than writing them
-// (measured: half of the backward's time). Asks the kernel for transparent huge pages over the
-// table's whole 2 MiB pages, as c10's allocator does under THP_MEM_ALLOC_ENABLE; only advice,
-// ignored where huge pages are off or the pages are already there.
-void advise_huge_pages(const at::Tensor& table) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const uintptr_t data = reinterpret_cast<uintptr_t>(table.data_ptr());
-  const uintptr_t begin = (data + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t end = (data + table.nbytes()) & ~(kHugePage - 1);
-  if (end >= begin + 4 * kHugePage) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
+// One piece of the backward: the unused rows [row, row_end) of a table zeroed, or the columns
+// [col0, col0 + width) of its used row `row` summed (row_end = row + 1).
+struct GradPiece {
+  int table;
+  bool used;
+  int64_t row, row_end, col0, width;
+};
+
+constexpr int64_t kColumnBlock = 256;      // columns of a used row summed as one piece
+constexpr int64_t kZeroBytes = 64 << 10;   // bytes of unused rows zeroed as one piece
+
+// Fills the gradient tables [rows[i], hidden] (uninitialised) in one parallel pass over pieces of
+// about the same size, taken by the threads as they become free (a descheduled thread does not
+// hold the others up, and the tables do not wait for one another). A row shared by most tokens
+// (block position 0 covers all of Part A) is split into column blocks; every element is summed by
+// one piece in token order whatever the thread count: deterministic.
+template <typename scalar_t, typename index_t>
+void tables_grad(const scalar_t* grad, const std::array<const index_t*, 3>& ids, int64_t tokens, int64_t hidden,
+                 const std::array<int64_t, 3>& rows, const std::array<scalar_t*, 3>& tables) {
+  using acc_t = at::opmath_type<scalar_t>;
+  std::array<RowGroups, 3> groups;
+  for (int i = 0; i < 3; ++i) groups[i] = group_by_row(ids[i], tokens, rows[i]);
+  const int64_t row_bytes = hidden * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t zero_rows = std::max<int64_t>(1, kZeroBytes / std::max<int64_t>(row_bytes, 1));
+  std::vector<GradPiece> pieces;
+  std::vector<int64_t> costs;  // bytes read and written
+  for (int i = 0; i < 3; ++i) {
+    for (int64_t r = 0; r < rows[i];) {
+      if (groups[i].count(r) > 0) {
+        for (int64_t col0 = 0; col0 < hidden; col0 += kColumnBlock) {
+          const int64_t width = std::min(kColumnBlock, hidden - col0);
+          pieces.push_back({i, true, r, r + 1, col0, width});
+          costs.push_back((groups[i].count(r) + 1) * width * static_cast<int64_t>(sizeof(scalar_t)));
+        }
+        ++r;
+      } else {
+        int64_t end = r + 1;
+        while (end < rows[i] && end - r < zero_rows && groups[i].count(end) == 0) ++end;
+        pieces.push_back({i, false, r, end, 0, hidden});
+        costs.push_back((end - r) * row_bytes);
+        r = end;
+      }
+    }
+  }
+  parallel_over_items(costs, [&](int64_t begin, int64_t end) {
+    acc_t acc[kColumnBlock];
+    for (int64_t index = begin; index < end; ++index) {
+      const GradPiece& p = pieces[index];
+      scalar_t* dst = tables[p.table] + p.row * hidden;
+      if (!p.used) {
+        std::memset(dst, 0, (p.row_end - p.row) * row_bytes);
+      } else {
+        const RowGroups& g = groups[p.table];
+        add_rows(grad, g.order.data() + g.row_start[p.row], g.count(p.row), hidden, p.col0, p.width, acc,
+                 dst + p.col0);
+      }
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
@@ -260,17 +280,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
   auto grad_word = at::empty({num_words, hidden}, grad.options());
   auto grad_pos = at::empty({num_positions, hidden}, grad.options());
   auto grad_block = at::empty({num_block_positions, hidden}, grad.options());
-  for (const at::Tensor& table : {grad_word, grad_pos, grad_block}) advise_huge_pages(table);
 
   AT_DISPATCH_INDEX_TYPES(ids.input_ids.scalar_type(), "embedding_2d_backward_cpu", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_2d_backward_cpu", [&] {
-      const scalar_t* g = grad.const_data_ptr<scalar_t>();
-      table_grad(g, ids.input_ids.const_data_ptr<index_t>(), tokens, hidden, num_words,
-                 grad_word.mutable_data_ptr<scalar_t>());
-      table_grad(g, ids.position_ids.const_data_ptr<index_t>(), tokens, hidden, num_positions,
-                 grad_pos.mutable_data_ptr<scalar_t>());
-      table_grad(g, ids.block_position_ids.const_data_ptr<index_t>(), tokens, hidden, num_block_positions,
-                 grad_block.mutable_data_ptr<scalar_t>());
+      tables_grad<scalar_t, index_t>(
+          grad.const_data_ptr<scalar_t>(),
+          {ids.input_ids.const_data_ptr<index_t>(), ids.position_ids.const_data_ptr<index_t>(),
+           ids.block_position_ids.const_data_ptr<index_t>()},
+          tokens, hidden, {num_words, num_positions, num_block_positions},
+          {grad_word.mutable_data_ptr<scalar_t>(), grad_pos.mutable_data_ptr<scalar_t>(),
+           grad_block.mutable_data_ptr<scalar_t>()});
     });
   });
   return {grad_word, grad_pos, grad_block};

@@ -1,56 +1,52 @@
-"""Benchmark of glm_ext's mixed-mask attention (``ops.mixed_mask_attention``), forward and backward.
+"""Benchmark of glm_ext's mixed-mask attention (``ops.mixed_mask_attention``), forward and training
+step (forward + backward), against its peers measured in the same run.
 
-Every case (batch, seq, heads, head_dim, ``sep = round(fraction * seq)`` for every row) times
-glm_ext and its peers in the same run, reports median ms, useful TFLOP/s and the speedups
-``peer_ms / glm_ext_ms``, plus peak memory, and writes everything to JSON.
+Every case (batch, seq, heads, head_dim, ``sep = round(fraction * seq)`` for every row) builds each
+implementation, checks it against glm_ext, then times them in interleaved rounds (every round times
+every implementation once, so that a burst of load on a shared machine hits all of them alike) and
+keeps the best round (and the median) of each: ms, useful TFLOP/s and the speedups ``peer_ms /
+glm_ext_ms``. Peak memory is measured separately; everything is written to JSON with the machine's
+load averages before and after.
 
-Peers. On the CPU:
-  sdpa_math_dense  ``scaled_dot_product_attention`` forced to its math backend, dense boolean mask
-                   (the issue's CPU peer: what plain PyTorch computes);
-  sdpa_dense       SDPA with the dense mask and PyTorch's own choice of backend (its CPU flash
-                   kernel), for information.
+Peers on the CPU:
+  sdpa_dense       ``scaled_dot_product_attention`` with the dense boolean mask and PyTorch's own
+                   choice of backend (its CPU flash-attention kernel, which takes the mask);
+  sdpa_math_dense  SDPA forced to its math backend with the dense mask (plain PyTorch);
+  flex             FlexAttention (``torch.compile(flex_attention)``) with a block mask from
+                   ``create_block_mask``; forward only (it has no CPU backward); the block mask is
+                   built once, untimed (its build time is reported);
+  compile          ``torch.compile`` of ``glm_ext.reference.mixed_mask_attention`` (dense mask,
+                   softmax and products written in PyTorch), forward and backward.
 On CUDA (this path has NOT been run yet: written without a GPU, to be verified by the first GPU
-session):
-  sdpa_dense         SDPA with the dense boolean mask (PyTorch picks the backend);
-  sdpa_split         the exact two-call split of the GLM mask for one ``sep`` per batch: Part A
-                     queries over Part A keys without a mask, then Part B queries over all keys
-                     with a lower-right causal mask (``torch.nn.attention.bias.causal_lower_right``);
-  flex               FlexAttention (``torch.compile(flex_attention)``) with a block mask from
-                     ``create_block_mask`` (its build time is reported separately, not timed);
-  sdpa_flash_causal  SDPA's flash backend with ``is_causal=True``: a different (plain causal) mask,
-                     the speed of light for comparison, not checked for correctness.
-The dense mask is built once outside the timed region (the model builds it once per forward pass
-for all layers).
+session): sdpa_dense; sdpa_split (the exact two-call split of the GLM mask for one ``sep`` per batch:
+Part A queries over Part A keys, then Part B over all keys with ``causal_lower_right``); flex;
+sdpa_flash_causal (SDPA's flash backend with ``is_causal=True``: a different, plain causal mask, the
+speed of light for comparison, never checked for correctness).
+The dense mask is built once outside the timed region (a model builds it once per forward pass).
 
 Useful FLOPs (the visible part of the score matrix only, the same count for every implementation):
-``4 * head_dim * heads * sum_b (L^2 + sep^2 + L - sep) / 2`` forward; backward 2.5x that.
+``4 * head_dim * heads * sum_b (L^2 + sep^2 + L - sep) / 2`` forward; backward 2.5x that, so a
+backward exactly as efficient per useful FLOP as the forward takes 2.5x its time.
 
-Timing: ``benchmarks.common.time_fn`` (median; L2 / L3 evicted before every iteration). Backward:
-the forward runs untimed before each iteration and ``torch.autograd.grad(out, (q, k, v), grad)``
-is timed alone, as in bench_position_ops.
+Model mode (CPU, on by default; ``--no-model`` skips it): one training step (forward, ``lm_loss``,
+backward) of a 4-layer, hidden-512, 8-head GLM (vocab 1024) on 2 rows of 1024 tokens with
+``sep = 512``, with ``attention_backend="fused"`` against ``"sdpa"`` (the same weights; everything
+else the same), interleaved rounds, best of each.
 
-Peak memory: CUDA, ``torch.cuda.max_memory_allocated`` above the inputs; CPU, the peak resident
-set (VmHWM, reset before the call through /proc/self/clear_refs) above the resident set before
-one call, each implementation and sequence length in a fresh process after a warm-up (memory a
-process freed earlier and kept would hide allocations). Memory does
-not depend on ``sep`` for any implementation, so it is measured at the middle fraction only. The
-growth exponent ``log(mem(seq_max) / mem(seq_min)) / log(seq_max / seq_min)`` is 1 for memory
-linear in the sequence length and 2 for quadratic.
-
-Goals: CPU, glm_ext's forward at least 2x faster than sdpa_math_dense at seq 1024 for every sep,
-with memory that does not grow as seq^2 (growth exponent at most 1.25). The CUDA numbers are
-reported for information here.
+Goals (CPU, float32, the thread count of the run, sep = L/2, every L in {1024, 2048, 4096} that was
+run): glm_ext's forward at least 2x sdpa_dense, sdpa_math_dense and flex; forward + backward at
+least 1.5x sdpa_dense and sdpa_math_dense; peak memory growing at most as L^1.25; the model step
+with the fused backend at least 1.15x the sdpa backend.
 
 Usage (from the repository root):
-  python benchmarks/bench_attention.py                        # cuda if available, else cpu
-  python benchmarks/bench_attention.py --device cpu --quick   # smoke test
-  python benchmarks/bench_attention.py --device cpu --no-memory --seqs 1024
+  python benchmarks/bench_attention.py --device cpu --threads 2        # the CPU goals
+  python benchmarks/bench_attention.py --device cpu --quick            # smoke test
+  python benchmarks/bench_attention.py --device cpu --seqs 1024 --no-memory --no-model
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -69,15 +65,27 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import glm_ext
-from benchmarks.common import default_device, environment_info, print_table, select_device, time_fn, write_results
+from benchmarks.common import (
+    default_device,
+    environment_info,
+    interleaved,
+    load_averages,
+    print_table,
+    select_device,
+    time_fn,
+    write_results,
+)
 from glm_ext import ops, reference
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_IMPLS = ("glm_ext", "sdpa_math_dense", "sdpa_dense")
+CPU_IMPLS = ("glm_ext", "sdpa_dense", "sdpa_math_dense", "flex", "compile")
 CUDA_IMPLS = ("glm_ext", "sdpa_dense", "sdpa_split", "flex", "sdpa_flash_causal")
 DIFFERENT_MASK = {"sdpa_flash_causal"}  # not the GLM mask: timed, never compared
-GOAL_SPEEDUP_CPU = 2.0
-GOAL_SPEEDUP_SEQ = 1024
+FORWARD_ONLY_CPU = {"flex"}  # FlexAttention has no CPU backward
+DENSE_IMPLS = {"sdpa_dense", "sdpa_math_dense", "compile"}  # materialise L x L (see --dense-max-seq)
+GOALS_CPU = {"forward": ("sdpa_dense", "sdpa_math_dense", "flex"), "train": ("sdpa_dense", "sdpa_math_dense")}
+GOAL_FORWARD, GOAL_TRAIN, GOAL_MODEL = 2.0, 1.5, 1.15
+GOAL_SEQS, GOAL_FRACTION = (1024, 2048, 4096), 0.5
 GOAL_MEMORY_EXPONENT = 1.25
 REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
@@ -107,11 +115,16 @@ def make_impl(name: str, sep: torch.Tensor, seq: int, device: torch.device, info
         if name == "sdpa_dense":
             return lambda q, k, v: _sdpa(q, k, v, attn_mask=mask)
 
-        def math(q, k, v):
+        def math_backend(q, k, v):
             with sdpa_kernel(SDPBackend.MATH):
                 return _sdpa(q, k, v, attn_mask=mask)
 
-        return math
+        return math_backend
+    if name == "compile":
+        if "compile" not in _COMPILED:  # recompiled per shape, not per sep
+            _COMPILED["compile"] = torch.compile(reference.mixed_mask_attention, dynamic=False)
+        compiled = _COMPILED["compile"]
+        return lambda q, k, v: compiled(q, k, v, sep)
     if name == "sdpa_split":
         from torch.nn.attention.bias import causal_lower_right
 
@@ -262,7 +275,7 @@ def _run_memory_probe(spec_json: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# One case
+# Interleaved timing
 
 
 def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -283,50 +296,129 @@ def run_case(cfg: dict[str, Any], impls: Sequence[str], device: torch.device, dt
     q, k, v, sep, grad = make_inputs(batch, seq, heads, head_dim, fraction, device, dtype, args.seed)
     sep_value = int(sep[0])
     flops = useful_flops(batch, seq, heads, head_dim, sep_value)
-    rows, ours_out, ours_grads = [], None, None
+    rows: dict[str, dict[str, Any]] = {}
+    measures: dict[str, Callable[[], float]] = {}
+    ours_out = ours_grads = None
     for impl in impls:
-        info: dict[str, Any] = {}
         row: dict[str, Any] = {"impl": impl, "case": f"b{batch} s{seq} h{heads} d{head_dim} sep{fraction:g}",
                                "seq": seq, "sep": sep_value, "sep_fraction": fraction, "useful_flops": flops}
+        rows[impl] = row
+        if impl in DENSE_IMPLS and seq > args.dense_max_seq:
+            row["skipped"] = f"seq {seq} > --dense-max-seq {args.dense_max_seq}"
+            continue
+        info: dict[str, Any] = {}
+        trains = not (device.type == "cpu" and impl in FORWARD_ONLY_CPU)
         try:
             fn = make_impl(impl, sep, seq, device, info)
+            if not trains:  # inputs that require grad are refused
+                fn = (lambda f: lambda q, k, v: f(q.detach(), k.detach(), v.detach()))(fn)
             t0 = time.perf_counter()
-            out = fn(q, k, v)  # first call (compilation for flex), untimed
-            grads = torch.autograd.grad(out, (q, k, v), grad)
+            out = fn(q, k, v)  # first call (compilation), untimed
+            grads = torch.autograd.grad(out, (q, k, v), grad) if trains else None
             _sync(device)
             info["first_call_s"] = time.perf_counter() - t0
             if impl == "glm_ext":
                 ours_out, ours_grads = out.detach(), [g.detach() for g in grads]
             elif impl not in DIFFERENT_MASK and ours_out is not None:
-                row["rel_err_vs_glm_ext"] = max([_rel_err(out.detach(), ours_out)] +
-                                                [_rel_err(g, o) for g, o in zip(grads, ours_grads)])
+                errors = [_rel_err(out.detach(), ours_out)]
+                if grads is not None:
+                    errors += [_rel_err(g, o) for g, o in zip(grads, ours_grads)]
+                row["rel_err_vs_glm_ext"] = max(errors)
+                row["correct"] = row["rel_err_vs_glm_ext"] <= REL_TOL.get(dtype, 1e-2)
             del out, grads
-            fwd = time_fn(lambda: fn(q, k, v), device, warmup=args.warmup, iters=args.iters)
-            bwd = time_fn(lambda out: torch.autograd.grad(out, (q, k, v), grad), device, warmup=args.warmup,
-                          iters=args.iters, setup=lambda: (fn(q, k, v),))
-            row.update(forward_ms=fwd["median_ms"], backward_ms=bwd["median_ms"],
-                       timings={"forward": fwd, "backward": bwd},
-                       forward_tflops=flops / (fwd["median_ms"] * 1e-3) / 1e12,
-                       backward_tflops=2.5 * flops / (bwd["median_ms"] * 1e-3) / 1e12, **info)
+            row.update(info)
         except Exception as exc:  # noqa: BLE001  (one failing peer must not lose the others)
             row["error"] = _error_text(exc)
             if args.verbose:
                 traceback.print_exc()
-        rows.append(row)
-        status = (f"fwd {row['forward_ms']:9.3f} ms ({row['forward_tflops']:.3f} TFLOP/s)  "
-                  f"bwd {row['backward_ms']:9.3f} ms ({row['backward_tflops']:.3f} TFLOP/s)"
-                  if "error" not in row else f"FAILED: {row['error'][:300]}")
-        print(f"  {impl:18s} {status}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    ours = next((r for r in rows if r["impl"] == "glm_ext" and "error" not in r), None)
-    for row in rows:
-        if ours is not None and "error" not in row and row["impl"] != "glm_ext":
-            row["glm_forward_speedup"] = row["forward_ms"] / ours["forward_ms"]
-            row["glm_backward_speedup"] = row["backward_ms"] / ours["backward_ms"]
-        if "rel_err_vs_glm_ext" in row:
-            row["correct"] = row["rel_err_vs_glm_ext"] <= REL_TOL.get(dtype, 1e-2)
-    return rows
+            continue
+
+        def forward(fn=fn):
+            return time_fn(lambda: fn(q, k, v), device, warmup=0, iters=1)["median_ms"]
+
+        def train(fn=fn):
+            return time_fn(lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), grad), device, warmup=0,
+                           iters=1)["median_ms"]
+
+        forward()  # warm-up
+        measures[f"{impl}:forward"] = forward
+        if trains:
+            train()
+            measures[f"{impl}:train"] = train
+    timings = interleaved(measures, args.rounds)
+    for impl, row in rows.items():
+        for kind in ("forward", "train"):
+            t = timings.get(f"{impl}:{kind}")
+            if t is None:
+                continue
+            if "error" in t:
+                row.setdefault("error", t["error"])
+                continue
+            row[f"{kind}_ms"], row[f"{kind}_median_ms"], row[f"{kind}_rounds_ms"] = (
+                t["best_ms"], t["median_ms"], t["rounds_ms"])
+            row[f"{kind}_tflops"] = (1.0 if kind == "forward" else 3.5) * flops / (t["best_ms"] * 1e-3) / 1e12
+    ours = rows.get("glm_ext", {})
+    if "forward_ms" in ours and "train_ms" in ours:
+        # Backward alone over forward alone: 2.5 when both are equally efficient per useful FLOP.
+        ours["backward_over_forward"] = (ours["train_ms"] - ours["forward_ms"]) / ours["forward_ms"]
+    for impl, row in rows.items():
+        if impl == "glm_ext":
+            continue
+        for kind in ("forward", "train"):
+            if f"{kind}_ms" in row and f"{kind}_ms" in ours:
+                row[f"glm_{kind}_speedup"] = row[f"{kind}_ms"] / ours[f"{kind}_ms"]
+                row[f"glm_{kind}_speedup_median"] = row[f"{kind}_median_ms"] / ours[f"{kind}_median_ms"]
+    for row in rows.values():
+        text = (f"fwd {row['forward_ms']:9.2f} ms" if "forward_ms" in row else "fwd         -   ")
+        text += (f"  fwd+bwd {row['train_ms']:9.2f} ms" if "train_ms" in row else "  fwd+bwd        -   ")
+        if "glm_forward_speedup" in row:
+            text += f"  glm x{row['glm_forward_speedup']:.2f} fwd"
+        if "glm_train_speedup" in row:
+            text += f", x{row['glm_train_speedup']:.2f} fwd+bwd"
+        if "error" in row or "skipped" in row:
+            text = f"{'FAILED: ' + row['error'][:300] if 'error' in row else 'skipped: ' + row['skipped']}"
+        print(f"  {row['impl']:16s} {text}", flush=True)
+    return list(rows.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Model mode: a small GLM's training step with the fused attention against SDPA
+
+
+MODEL = dict(vocab_size=1024, hidden_size=512, num_layers=4, num_heads=8, max_sequence_length=1024)
+MODEL_BATCH, MODEL_SEQ = 2, 1024
+
+
+def run_model(rounds: int, seed: int) -> dict[str, Any]:
+    from glm_ext.model import GLMConfig, GLMModel, lm_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    model = GLMModel(GLMConfig(**MODEL))
+    ids = torch.randint(0, MODEL["vocab_size"], (MODEL_BATCH, MODEL_SEQ), generator=gen)
+    targets = torch.randint(0, MODEL["vocab_size"], (MODEL_BATCH, MODEL_SEQ), generator=gen)
+    sep = torch.full((MODEL_BATCH,), MODEL_SEQ // 2)
+    index = torch.arange(MODEL_SEQ).expand(MODEL_BATCH, MODEL_SEQ)
+    in_b = index >= sep[:, None]
+    positions = torch.stack([torch.where(in_b, sep[:, None] - 1, index), torch.where(in_b, index - sep[:, None] + 1, 0)],
+                            dim=1)
+
+    def step(backend: str) -> float:
+        model.attention_backend = backend
+        for p in model.parameters():
+            p.grad = None
+        t0 = time.perf_counter()
+        lm_loss(model(ids, positions, sep), targets, in_b.float()).backward()
+        return (time.perf_counter() - t0) * 1e3
+
+    for backend in ("fused", "sdpa"):
+        step(backend)  # warm-up
+    timings = interleaved({backend: (lambda b=backend: step(b)) for backend in ("fused", "sdpa")}, rounds)
+    result: dict[str, Any] = {"model": MODEL, "batch": MODEL_BATCH, "seq": MODEL_SEQ, "sep": MODEL_SEQ // 2,
+                              "step": "forward + lm_loss + backward, fp32", "timings": timings}
+    if all("best_ms" in timings[b] for b in ("fused", "sdpa")):
+        result["speedup"] = timings["sdpa"]["best_ms"] / timings["fused"]["best_ms"]
+        result["min_of_medians"] = timings["sdpa"]["median_ms"] / timings["fused"]["median_ms"]
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,20 +430,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="dtype (default: bfloat16 on CUDA, float32 on the CPU)")
-    p.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke test)")
+    p.add_argument("--quick", action="store_true", help="small shapes, few rounds, no model step (smoke test)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON output (default: benchmarks/results/attention_<device-kind>.json)")
-    p.add_argument("--seqs", type=int, nargs="+", default=None,
-                   help="sequence lengths (default: 512 1024 2048 on the CPU, 1024 2048 4096 on CUDA)")
-    p.add_argument("--sep-fractions", type=float, nargs="+", default=[0.0, 0.5, 0.85, 1.0],
-                   help="sep / seq of every row (default: 0 0.5 0.85 1)")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 2 on the CPU, 8 on CUDA)")
+    p.add_argument("--seqs", type=int, nargs="+", default=None, help="sequence lengths (default: 1024 2048 4096)")
+    p.add_argument("--sep-fractions", type=float, nargs="+", default=[GOAL_FRACTION],
+                   help="sep / seq of every row (default: 0.5)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 1 on the CPU, 8 on CUDA)")
     p.add_argument("--heads", type=int, default=None, help="heads (default: 8 on the CPU, 16 on CUDA)")
     p.add_argument("--head-dim", type=int, default=None, help="head dimension (default: 64 on the CPU, 128 on CUDA)")
     p.add_argument("--impls", nargs="+", default=None, help="implementations to run (default: all for the device)")
+    p.add_argument("--dense-max-seq", type=int, default=4096,
+                   help="longest seq for the peers that materialise seq x seq (default: 4096)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default: 1 CPU, 5 CUDA)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 5 CPU, 30 CUDA)")
+    p.add_argument("--no-model", action="store_true", help="skip the model-step comparison (CPU)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds, best kept (default: 9)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failures")
@@ -363,11 +456,11 @@ SUMMARY_COLUMNS = [
     ("case", "case"),
     ("impl", "impl"),
     ("forward_ms", "fwd ms", ".2f"),
-    ("backward_ms", "bwd ms", ".2f"),
+    ("train_ms", "fwd+bwd ms", ".2f"),
     ("forward_tflops", "fwd TFLOP/s", ".3f"),
-    ("backward_tflops", "bwd TFLOP/s", ".3f"),
+    ("train_tflops", "fwd+bwd TFLOP/s", ".3f"),
     ("glm_forward_speedup", "glm fwd x", ".2f"),
-    ("glm_backward_speedup", "glm bwd x", ".2f"),
+    ("glm_train_speedup", "glm fwd+bwd x", ".2f"),
     ("correct", "ok"),
 ]
 MEMORY_COLUMNS = [
@@ -391,6 +484,32 @@ def _growth_exponent(points: list[dict[str, Any]]) -> float | None:
     return max(exponents)
 
 
+def cpu_goals(rows: list[dict[str, Any]], exponent: float | None, model: dict[str, Any] | None) -> dict[str, Any]:
+    """Each goal with the worst ratio over the goal's cases that were run, and whether it is met."""
+    goals: dict[str, Any] = {}
+    for kind, goal in (("forward", GOAL_FORWARD), ("train", GOAL_TRAIN)):
+        for peer in GOALS_CPU[kind]:
+            cases = [r for r in rows if r["impl"] == peer and r["sep_fraction"] == GOAL_FRACTION and r["seq"] in GOAL_SEQS]
+            ratios = {r["seq"]: r.get(f"glm_{kind}_speedup") for r in cases}
+            medians = {r["seq"]: r.get(f"glm_{kind}_speedup_median") for r in cases}
+            measured = [x for x in ratios.values() if x is not None]
+            measured_medians = [x for x in medians.values() if x is not None]
+            goals[f"{kind}_vs_{peer}"] = {
+                "goal_at_least": goal, "by_seq": ratios, "min": min(measured) if measured else None,
+                "median_by_seq": medians, "min_of_medians": min(measured_medians) if measured_medians else None,
+                "met": (min(measured) >= goal) if measured else None,
+            }
+    goals["memory_growth_exponent"] = {"goal_at_most": GOAL_MEMORY_EXPONENT, "glm_ext": exponent,
+                                       "met": None if exponent is None else exponent <= GOAL_MEMORY_EXPONENT}
+    speedup = (model or {}).get("speedup")
+    goals["model_step_fused_vs_sdpa"] = {"goal_at_least": GOAL_MODEL, "speedup": speedup,
+                                         "min_of_medians": (model or {}).get("min_of_medians"),
+                                         "met": None if speedup is None else speedup >= GOAL_MODEL}
+    measured_goals = [g["met"] for g in goals.values() if g["met"] is not None]
+    goals["all_measured_met"] = all(measured_goals) if measured_goals else None
+    return goals
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_probe:
@@ -400,112 +519,112 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_cuda else torch.float32)
-    seqs = args.seqs or ([256, 512] if args.quick else ([1024, 2048, 4096] if on_cuda else [512, 1024, 2048]))
-    fractions = [0.0, 0.5] if args.quick and args.sep_fractions == [0.0, 0.5, 0.85, 1.0] else args.sep_fractions
-    batch = args.batch or (8 if on_cuda else 2)
+    seqs = args.seqs or ([256, 512] if args.quick else list(GOAL_SEQS))
+    batch = args.batch or (8 if on_cuda else 1)
     heads = args.heads or (16 if on_cuda else 8)
     head_dim = args.head_dim or (128 if on_cuda else 64)
     impls = list(args.impls or (CUDA_IMPLS if on_cuda else CPU_IMPLS))
+    args.rounds = args.rounds or (2 if args.quick else 9)
+    run_model_step = not (on_cuda or args.quick or args.no_model)
     has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
         "glm_ext::mixed_mask_attention", "CUDA" if on_cuda else "CPU")
     if not has_kernel and "glm_ext" in impls:
         print(f"glm_ext has no {device.type} kernel of mixed_mask_attention yet: timing the peers only", flush=True)
         impls.remove("glm_ext")
-    args.warmup = args.warmup if args.warmup is not None else (5 if on_cuda else 1)
-    args.iters = args.iters or ((10 if args.quick else 30) if on_cuda else (3 if args.quick else 5))
     out_path = args.out or Path(__file__).resolve().parent / "results" / f"attention_{device.type}.json"
 
     env = environment_info(device)
+    env["load_average_before"] = load_averages()
     print(f"glm_ext {glm_ext.__version__} mixed-mask attention on {env['device_name']} ({device}), "
-          f"{str(dtype).removeprefix('torch.')}, batch {batch}, heads {heads}, head_dim {head_dim}, "
-          f"seqs {seqs}, sep fractions {fractions}, warmup {args.warmup}, iters {args.iters}, "
-          f"threads {torch.get_num_threads()}", flush=True)
+          f"{str(dtype).removeprefix('torch.')}, batch {batch}, heads {heads}, head_dim {head_dim}, seqs {seqs}, "
+          f"sep fractions {args.sep_fractions}, {args.rounds} interleaved rounds (best kept), "
+          f"threads {torch.get_num_threads()}, load average {env['load_average_before']}", flush=True)
     if on_cuda:
         print("NOTE: the CUDA path of this benchmark was written without a GPU and is unverified.", flush=True)
 
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for seq in seqs:
-        for fraction in fractions:
+        for fraction in args.sep_fractions:
             cfg = dict(batch=batch, seq=seq, heads=heads, head_dim=head_dim, fraction=fraction)
             print(f"\n[seq {seq}, sep {round(fraction * seq)} ({fraction:g} of seq)]", flush=True)
             rows.extend(run_case(cfg, impls, device, dtype, args))
 
+    model = None
+    if run_model_step:
+        print(f"\n[model step: {MODEL}, batch {MODEL_BATCH} x seq {MODEL_SEQ}, fused vs sdpa attention]", flush=True)
+        model = run_model(args.rounds, args.seed)
+        t = model["timings"]
+        print("  " + ", ".join(f"{b} {t[b].get('best_ms', float('nan')):.0f} ms" for b in t)
+              + (f": fused x{model['speedup']:.2f}" if "speedup" in model else ""), flush=True)
+
     memory_rows: list[dict[str, Any]] = []
     exponents: dict[str, float | None] = {}
     if not args.no_memory:
-        mid = fractions[len(fractions) // 2]
+        mid = args.sep_fractions[len(args.sep_fractions) // 2]
         method = "CUDA allocator" if on_cuda else "fresh process per point, peak RSS"
         print(f"\nPeak memory (sep {mid:g} of seq; {method})", flush=True)
-        for impl in impls:
+        for impl in [i for i in impls if i in ("glm_ext", "sdpa_dense")]:
             for seq in seqs:
                 row: dict[str, Any] = {"impl": impl, "seq": seq, "sep_fraction": mid}
                 try:
                     mem = measure_memory(impl, batch, seq, heads, head_dim, mid, device, dtype, args.threads)
                     row.update(forward_mib=mem["forward_bytes"] / 2**20, backward_mib=mem["backward_bytes"] / 2**20)
-                    print(f"  {impl:18s} seq {seq:6d}: forward {row['forward_mib']:9.1f} MiB, "
+                    print(f"  {impl:16s} seq {seq:6d}: forward {row['forward_mib']:9.1f} MiB, "
                           f"backward {row['backward_mib']:9.1f} MiB", flush=True)
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = _error_text(exc)
-                    print(f"  {impl:18s} seq {seq:6d}: FAILED {row['error'][:300]}", flush=True)
+                    print(f"  {impl:16s} seq {seq:6d}: FAILED {row['error'][:300]}", flush=True)
                 memory_rows.append(row)
-            points = [r for r in memory_rows if r["impl"] == impl and "error" not in r]
-            exponents[impl] = _growth_exponent(points)
+            exponents[impl] = _growth_exponent([r for r in memory_rows if r["impl"] == impl and "error" not in r])
 
-    # Goals (CPU): forward >= 2x sdpa_math_dense at seq 1024 for every sep; memory growth exponent.
-    speedups = [r["glm_forward_speedup"] for r in rows
-                if r["impl"] == "sdpa_math_dense" and r["seq"] == GOAL_SPEEDUP_SEQ and "glm_forward_speedup" in r]
-    exponent = exponents.get("glm_ext")
-    goals = {
-        "applies_to": "cpu",
-        "applies_here": not on_cuda,
-        "forward_speedup_vs_sdpa_math_dense_at_seq_1024": {
-            "goal": GOAL_SPEEDUP_CPU, "min": min(speedups) if speedups else None,
-            "met": (min(speedups) >= GOAL_SPEEDUP_CPU) if speedups else None,
-        },
-        "memory_growth_exponent": {
-            "goal_at_most": GOAL_MEMORY_EXPONENT, "glm_ext": exponent, "peers": exponents,
-            "met": None if exponent is None else exponent <= GOAL_MEMORY_EXPONENT,
-        },
-    }
-    checks = [goals["forward_speedup_vs_sdpa_math_dense_at_seq_1024"]["met"], goals["memory_growth_exponent"]["met"]]
-    goals["all_met"] = all(c is True for c in checks) if not on_cuda else None
+    env["load_average_after"] = load_averages()
+    goals = cpu_goals(rows, exponents.get("glm_ext"), model) if not on_cuda else {"applies_to": "cpu"}
     payload = {
         "benchmark": "attention",
         "environment": env,
         "config": {
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "batch": batch, "heads": heads,
-            "head_dim": head_dim, "seqs": seqs, "sep_fractions": fractions, "impls": list(impls),
-            "warmup": args.warmup, "iters": args.iters, "seed": args.seed, "quick": args.quick,
-            "flops": "useful: 4 * head_dim * heads * sum_b (L^2 + sep^2 + L - sep) / 2 forward, 2.5x backward",
-            "timing": ("CUDA events per iteration, L2 evicted before each, median" if on_cuda
-                       else "time.perf_counter per iteration, L3 evicted before each, median"),
-            "backward_method": "torch.autograd.grad(out, (q, k, v), grad) timed alone; the forward runs untimed before",
+            "head_dim": head_dim, "seqs": seqs, "sep_fractions": args.sep_fractions, "impls": list(impls),
+            "rounds": args.rounds, "seed": args.seed, "quick": args.quick, "dense_max_seq": args.dense_max_seq,
+            "flops": "useful: 4 * head_dim * heads * sum_b (L^2 + sep^2 + L - sep) / 2 forward, 3.5x forward + backward",
+            "timing": ("interleaved rounds (each implementation once per round), best round kept (median too); "
+                       + ("CUDA events" if on_cuda else "time.perf_counter, L3 evicted before each call")),
+            "train_method": "torch.autograd.grad(fn(q, k, v), (q, k, v), grad): forward + backward in one timed call",
             "memory_method": ("torch.cuda.max_memory_allocated above the allocated memory before the call" if on_cuda
                               else "VmHWM (reset) minus VmRSS around one call, a fresh process per point, "
                                    "after a warm-up"),
             "cuda_path_verified": False, "glm_ext_kernel_on_device": has_kernel,
         },
         "rows": rows,
+        "model_step": model,
         "memory": memory_rows,
         "goals": goals,
         "elapsed_s": time.perf_counter() - t_start,
     }
 
-    print(f"\nSummary ({device}, {str(dtype).removeprefix('torch.')}; glm x = peer ms / glm_ext ms)")
+    print(f"\nSummary ({device}, {str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads; "
+          f"glm x = peer ms / glm_ext ms, best of {args.rounds} interleaved rounds)")
     print_table(rows, SUMMARY_COLUMNS)
+    ours = [r for r in rows if r["impl"] == "glm_ext" and "backward_over_forward" in r]
+    if ours:
+        print("glm_ext backward / forward time (2.5 = as efficient per useful FLOP): "
+              + ", ".join(f"seq {r['seq']} {r['backward_over_forward']:.2f}" for r in ours))
     if memory_rows:
         print()
         print_table(memory_rows, MEMORY_COLUMNS)
         print("memory growth exponents (1 linear, 2 quadratic): "
               + ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} -" for k, v in exponents.items()))
     if not on_cuda:
-        s = goals["forward_speedup_vs_sdpa_math_dense_at_seq_1024"]
-        m = goals["memory_growth_exponent"]
-        print(f"\nCPU goals: forward >= {GOAL_SPEEDUP_CPU}x sdpa_math_dense at seq {GOAL_SPEEDUP_SEQ}: "
-              f"{'MET' if s['met'] else 'NOT MET' if s['met'] is False else 'not measured'} (min {s['min']}); "
-              f"memory growth exponent <= {GOAL_MEMORY_EXPONENT}: "
-              f"{'MET' if m['met'] else 'NOT MET' if m['met'] is False else 'not measured'} ({m['glm_ext']})")
+        print(f"\nCPU goals (load average {env['load_average_before']} before, {env['load_average_after']} after):")
+        for name, goal in goals.items():
+            if isinstance(goal, dict):
+                state = "MET" if goal["met"] else "NOT MET" if goal["met"] is False else "not measured"
+                value = goal.get("min", goal.get("glm_ext", goal.get("speedup")))
+                bound = goal.get("goal_at_least", goal.get("goal_at_most"))
+                median = goal.get("min_of_medians")
+                print(f"  {name:34s} {state:12s} {value if value is None else round(value, 2)} (goal {bound})"
+                      + ("" if median is None else f"; ratio of medians {median:.2f}"))
     path = write_results(out_path, payload)
     print(f"results written to {path}")
     return 1 if any("error" in r for r in rows if r["impl"] == "glm_ext") else 0

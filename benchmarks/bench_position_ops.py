@@ -1,13 +1,17 @@
 """Benchmark of glm_ext's 2D position ops (embedding_2d, rotary_2d), forward and backward.
 
-Every case times, in the same run: glm_ext, the eager reference (``glm_ext.reference``) and
-``torch.compile`` of that reference, and reports median ms, achieved GB/s (minimal bytes the op
-must move, below), the percentage of the device copy bandwidth measured in the same run, and the
-speedups ``peer_ms / glm_ext_ms``. It prints a summary table last and writes everything to JSON.
+Every case times, in the same run and in interleaved rounds (every implementation's forward and
+backward once per round, so that a burst of load on a shared machine hits all of them alike; the
+best round is kept, medians too): glm_ext, the eager reference (``glm_ext.reference``) and
+``torch.compile`` of that reference. It reports ms, achieved GB/s (minimal bytes the op must move,
+below), the percentage of the device copy bandwidth measured in the same run, the speedups
+``peer_ms / glm_ext_ms`` and the machine's load averages, prints a summary table last and writes
+everything to JSON.
 
-Goals (CUDA only, the H100 is the target): forward and backward of both ops reach at least 80%
-of the copy bandwidth and beat ``torch.compile`` of the reference. On the CPU the same columns are
-reported for information only.
+Goals. CUDA (the H100 is the target): forward and backward of both ops reach at least 80% of the
+copy bandwidth and beat ``torch.compile`` of the reference. CPU: embedding_2d's forward at least
+as fast as ``torch.compile``, its (deterministic) backward at least as fast as eager PyTorch; the
+other CPU columns are for information.
 
 Minimal bytes (GB = 1e9 bytes), with T tokens, H hidden, ``es`` the float element size and ``ib``
 the id element size:
@@ -55,6 +59,8 @@ from benchmarks.common import (
     copy_bandwidth_gbs,
     default_device,
     environment_info,
+    interleaved,
+    load_averages,
     print_table,
     select_device,
     time_fn,
@@ -232,41 +238,31 @@ def _error_text(exc: BaseException) -> str:
 
 
 def run_case(case: Case, device: torch.device, args: argparse.Namespace, copy_gbs: float) -> list[dict[str, Any]]:
-    warmup, iters = args.warmup, args.iters
     inputs = case.inputs
     wrt = [inputs[i] for i in case.float_inputs]
-    timings: dict[str, dict[str, dict | None]] = {"forward": {}, "backward": {}}
     errors: dict[str, dict[str, str]] = {"forward": {}, "backward": {}}
     info: dict[str, Any] = {}
 
-    def fwd_time(fn: Callable) -> dict:
-        return time_fn(lambda: fn(*inputs), device, warmup=warmup, iters=iters)
+    def forward_ms(fn: Callable) -> Callable[[], float]:
+        return lambda: time_fn(lambda: fn(*inputs), device, warmup=0, iters=1)["median_ms"]
 
-    def bwd_time(fn: Callable, grad_out: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    def backward_ms(fn: Callable, grad_out: torch.Tensor) -> Callable[[], float]:
         # setup (untimed) runs the forward and hands its output to the timed backward.
-        t = time_fn(
-            lambda out: torch.autograd.grad(out, wrt, grad_out),
-            device, warmup=warmup, iters=iters, setup=lambda: (fn(*inputs),),
-        )
-        grads = torch.autograd.grad(fn(*inputs), wrt, grad_out)
-        return t, list(grads)
+        return lambda: time_fn(lambda out: torch.autograd.grad(out, wrt, grad_out), device, warmup=0, iters=1,
+                               setup=lambda: (fn(*inputs),))["median_ms"]
 
     # glm_ext and the eager reference.
     out_ours = case.ours(*inputs)
     out_ref = case.ref(*inputs)
     info["forward_rel_err"] = _rel_err(out_ours.detach(), out_ref.detach())
     grad_out = torch.randn(out_ours.shape, dtype=torch.float32, device="cpu").to(device=device, dtype=out_ours.dtype)
-    del out_ours, out_ref
-
-    timings["forward"]["glm_ext"] = fwd_time(case.ours)
-    if case.ours_checked is not None:
-        timings["forward"]["glm_ext_checked"] = fwd_time(case.ours_checked)
-    timings["forward"]["eager"] = fwd_time(case.ref)
-
-    timings["backward"]["glm_ext"], grads_ours = bwd_time(case.ours, grad_out)
-    timings["backward"]["eager"], grads_ref = bwd_time(case.ref, grad_out)
+    grads_ours = torch.autograd.grad(case.ours(*inputs), wrt, grad_out)
+    grads_ref = torch.autograd.grad(case.ref(*inputs), wrt, grad_out)
     info["backward_rel_err"] = max(_rel_err(a, b) for a, b in zip(grads_ours, grads_ref))
-    del grads_ours, grads_ref
+    del out_ours, out_ref, grads_ours, grads_ref
+    impls: dict[str, Callable] = {"glm_ext": case.ours, "eager": case.ref}
+    if case.ours_checked is not None:
+        impls["glm_ext_checked"] = case.ours_checked
 
     # torch.compile of the reference: compiled once for this shape (static), warmed up first.
     if not args.no_compile:
@@ -274,35 +270,43 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, copy_gb
         compiled = torch.compile(case.ref, dynamic=False)
         try:
             t0 = time.perf_counter()
-            compiled(*inputs)
+            out = compiled(*inputs)
             _sync(device)
             info["compile_forward_s"] = time.perf_counter() - t0
-            timings["forward"]["compile"] = fwd_time(compiled)
+            t0 = time.perf_counter()
+            torch.autograd.grad(out, wrt, grad_out)
+            _sync(device)
+            info["compile_backward_s"] = time.perf_counter() - t0
+            del out
+            impls["compile"] = compiled
         except Exception as exc:  # noqa: BLE001  (record and go on)
-            errors["forward"]["compile"] = _error_text(exc)
-            errors["backward"]["compile"] = "forward compilation failed"
+            errors["forward"]["compile"] = errors["backward"]["compile"] = _error_text(exc)
             if args.verbose:
                 traceback.print_exc()
-        if "compile" not in errors["backward"]:
-            try:
-                t0 = time.perf_counter()
-                out = compiled(*inputs)
-                torch.autograd.grad(out, wrt, grad_out)
-                _sync(device)
-                del out
-                info["compile_backward_s"] = time.perf_counter() - t0
-                timings["backward"]["compile"], _ = bwd_time(compiled, grad_out)
-            except Exception as exc:  # noqa: BLE001
-                errors["backward"]["compile"] = _error_text(exc)
-                if args.verbose:
-                    traceback.print_exc()
-        del compiled
+
+    # Interleaved rounds: every implementation's forward and backward once per round.
+    measures: dict[str, Callable[[], float]] = {}
+    for name, fn in impls.items():
+        measures[f"forward:{name}"] = forward_ms(fn)
+        if name != "glm_ext_checked":
+            measures[f"backward:{name}"] = backward_ms(fn, grad_out)
+    for measure in measures.values():  # warm-up
+        for _ in range(args.warmup):
+            measure()
+    results = interleaved(measures, args.rounds)
+    timings: dict[str, dict[str, dict | None]] = {"forward": {}, "backward": {}}
+    for key, result in results.items():
+        direction, name = key.split(":")
+        if "error" in result:
+            errors[direction][name] = result["error"]
+        else:
+            timings[direction][name] = result
 
     rows = []
     for direction in ("forward", "backward"):
         t = timings[direction]
         nbytes = case.bytes[direction]
-        ms = {k: (v["median_ms"] if v else None) for k, v in t.items()}
+        ms = {k: v["best_ms"] for k, v in t.items()}
         ours_ms = ms["glm_ext"]
         ours_gbs = _gbs(nbytes, ours_ms)
         pct = 100.0 * ours_gbs / copy_gbs if ours_gbs and copy_gbs else None
@@ -324,6 +328,9 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, copy_gb
             "glm_pct_copy": pct,
             "speedup_vs_eager": ms["eager"] / ours_ms,
             "speedup_vs_compile": compile_ms / ours_ms if compile_ms else None,
+            "median_speedup_vs_eager": t["eager"]["median_ms"] / t["glm_ext"]["median_ms"],
+            "median_speedup_vs_compile": (t["compile"]["median_ms"] / t["glm_ext"]["median_ms"]
+                                          if "compile" in t else None),
             "rel_err_vs_eager": rel_err,
             "correct": rel_err <= REL_TOL.get(inputs[case.float_inputs[0]].dtype, 1e-2),
             "timings": t,
@@ -340,6 +347,22 @@ def run_case(case: Case, device: torch.device, args: argparse.Namespace, copy_gb
 # --------------------------------------------------------------------------------------------
 # Main
 
+# CPU goals: embedding_2d's forward at least torch.compile's speed, its deterministic backward at
+# least eager PyTorch's.
+CPU_GOALS = (("embedding_2d", "forward", "compile", 1.0), ("embedding_2d", "backward", "eager", 1.0))
+
+
+def cpu_goals(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    goals = []
+    for op, direction, peer, bound in CPU_GOALS:
+        for r in rows:
+            if r["op"] == op and r["direction"] == direction:
+                speedup = r[f"speedup_vs_{peer}"]
+                goals.append({"op": op, "case": r["case"], "direction": direction, "peer": peer, "goal_at_least": bound,
+                              "speedup": speedup, "met": None if speedup is None else speedup >= bound})
+    return goals
+
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -351,8 +374,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="JSON output (default: benchmarks/results/position_ops_<device-kind>.json)")
     p.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to benchmark (default: both)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up iterations (default depends on device/--quick)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default depends on device/--quick)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls of each measure (default depends on device/--quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleaved timing rounds, best kept (default depends on device/--quick)")
     p.add_argument("--copy-mib", type=int, default=None, help="buffer size of the copy-bandwidth reference")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads for the CPU (default: torch's choice)")
@@ -388,17 +412,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     on_cuda = device.type == "cuda"
     if args.warmup is None:
         args.warmup = 3 if args.quick else (10 if on_cuda else 3)
-    if args.iters is None:
-        args.iters = 10 if args.quick else (100 if on_cuda else 15)
+    if args.rounds is None:
+        args.rounds = 10 if args.quick else (100 if on_cuda else 15)
     copy_mib = args.copy_mib or (1024 if on_cuda else (64 if args.quick else 256))
     out_path = args.out or Path(__file__).resolve().parent / "results" / f"position_ops_{device.type}.json"
 
     env = environment_info(device)
+    env["load_average_before"] = load_averages()
     print(f"glm_ext {glm_ext.__version__} on {env['device_name']} ({device}), dtype {dtype}, torch {torch.__version__}"
-          f", {'quick' if args.quick else 'full'} run, warmup {args.warmup}, iters {args.iters}"
+          f", {'quick' if args.quick else 'full'} run, warmup {args.warmup}, {args.rounds} interleaved rounds "
+          f"(best kept), threads {torch.get_num_threads()}, load average {env['load_average_before']}"
           f"{', no torch.compile' if args.no_compile else ''}", flush=True)
 
-    copy = copy_bandwidth_gbs(device, copy_mib * 2**20, warmup=args.warmup, iters=max(args.iters // 2, 5))
+    copy = copy_bandwidth_gbs(device, copy_mib * 2**20, warmup=args.warmup, iters=max(args.rounds // 2, 5))
     print(f"copy bandwidth: {copy['gbs']:.1f} GB/s ({copy['nbytes'] / 2**20:.0f} MiB dst.copy_(src), "
           f"{copy['median_ms']:.3f} ms)", flush=True)
 
@@ -440,6 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{comp}{bad}", flush=True)
         rows.extend(case_rows)
 
+    env["load_average_after"] = load_averages()
     goal_rows = [
         {"op": r["op"], "case": r["case"], "direction": r["direction"],
          "bw_at_least_80pct_copy": r["goal_bw"], "beats_compile": r["goal_beats_compile"]}
@@ -453,16 +480,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bandwidth_fraction_of_copy": BW_GOAL,
         "all_met": bool(checks) and all(c is True for c in checks) if on_cuda else None,
         "rows": goal_rows,
+        "cpu": cpu_goals(rows) if not on_cuda else None,
     }
     payload = {
         "benchmark": "position_ops",
         "environment": env,
         "config": {
             "device": str(device), "dtype": str(dtype).removeprefix("torch."), "quick": args.quick,
-            "ops": args.ops, "compile": not args.no_compile, "warmup": args.warmup, "iters": args.iters,
-            "seed": args.seed,
-            "timing": ("CUDA events per iteration, L2 evicted (2x L2 read) before each, median"
-                       if on_cuda else "time.perf_counter per iteration, L3 evicted (2x L3 read) before each, median"),
+            "ops": args.ops, "compile": not args.no_compile, "warmup": args.warmup, "rounds": args.rounds,
+            "seed": args.seed, "threads": torch.get_num_threads(),
+            "timing": ("interleaved rounds (every implementation's forward and backward once per round), best "
+                       "round kept (medians too); "
+                       + ("CUDA events, L2 evicted (2x L2 read) before each call" if on_cuda
+                          else "time.perf_counter, L3 evicted (2x L3 read) before each call")),
             "backward_method": ("torch.autograd.grad(out, float_inputs, grad_output) timed alone; "
                                 "the forward producing out runs untimed before each iteration"),
             "gb": 1e9,
@@ -482,6 +512,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if on_cuda:
         print(f"\nCUDA goals (>= {BW_GOAL:.0%} of copy bandwidth and beats torch.compile, every row): "
               f"{'MET' if goals['all_met'] else 'NOT MET'}")
+    else:
+        print(f"\nCPU goals (load average {env['load_average_before']} before, {env['load_average_after']} after):")
+        for goal in goals["cpu"]:
+            state = "MET" if goal["met"] else "NOT MET" if goal["met"] is False else "not measured"
+            print(f"  {goal['op']} {goal['case']} {goal['direction']} >= {goal['goal_at_least']}x {goal['peer']}: "
+                  f"{state} (x{goal['speedup']:.2f})" if goal["speedup"] else f"  {goal['op']} {goal['case']}: {state}")
     path = write_results(out_path, payload)
     print(f"results written to {path}")
     return 1 if case_errors else 0

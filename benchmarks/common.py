@@ -34,7 +34,9 @@ __all__ = [
     "cpu_llc_bytes",
     "default_device",
     "environment_info",
+    "interleaved",
     "l2_cache_bytes",
+    "load_averages",
     "print_table",
     "time_fn",
     "select_device",
@@ -170,6 +172,39 @@ def time_fn(
         "p20_ms": _percentile(times_ms, 20),
         "p80_ms": _percentile(times_ms, 80),
     }
+
+
+def interleaved(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, dict[str, Any]]:
+    """Runs every measure (a callable returning one time in ms) once per round, in turn, ``rounds``
+    times, so that a burst of load on a shared machine hits every implementation alike. Returns per
+    measure its best (min) and median ms and every round's time; a measure that raises is dropped
+    from the later rounds and returns ``{"error": text}``."""
+    times: dict[str, list[float]] = {name: [] for name in measures}
+    errors: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, measure in measures.items():
+            if name in errors:
+                continue
+            try:
+                times[name].append(measure())
+            except Exception as exc:  # noqa: BLE001  (one failing peer must not lose the others)
+                text = f"{type(exc).__name__}: {exc}".strip()
+                errors[name] = text if len(text) <= 2000 else text[:2000] + " ..."
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in times.items():
+        if name in errors:
+            out[name] = {"error": errors[name]}
+        elif values:
+            out[name] = {"best_ms": min(values), "median_ms": statistics.median(values), "rounds_ms": values}
+    return out
+
+
+def load_averages() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (as ``uptime`` prints them), where known."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _percentile(values: Sequence[float], q: float) -> float:

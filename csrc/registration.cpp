@@ -1,6 +1,7 @@
 // Every op schema of glm_ext, in one place. Kernels register themselves per device next to their
-// code (csrc/cpu/*.cpp for CPU, csrc/cuda/<family>/*.cu for CUDA); Python-side autograd and fake
-// kernels live in glm_ext/ops.py.
+// code (csrc/<family>/cpu/*.cpp for the CPU, csrc/<family>/cuda/*.cu for CUDA, with the family's
+// shared argument checks in csrc/<family>/); Python-side autograd and fake kernels live in
+// glm_ext/ops.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 #if __has_include(<torch/headeronly/version.h>)
@@ -35,15 +36,16 @@ TORCH_LIBRARY(glm_ext, m) {
       "rotary_2d_backward(Tensor grad_output, Tensor position_ids, Tensor block_position_ids, "
       "float base=10000.0) -> Tensor");
 
-  // Blank-infilling batches (GLM_SPEC section 1). Returns tokens, targets, loss_mask [batch, width],
-  // position_ids [batch, 2, width], sep int32 [batch] and the objective drawn for the batch
-  // (0 token, 1 sentence, 2 document); width = output_length, or the longest row when 0.
+  // Blank-infilling batches (GLM_SPEC section 1). special_ids: [CLS], <eos>, pad, [MASK], [sMASK],
+  // [gMASK], <sop>, <eop>. Row i is drawn from the random stream of row row_offset + i of the batch
+  // with this seed (the objective from the seed alone). Returns tokens, targets, loss_mask
+  // [batch, width], position_ids [batch, 2, width], sep int32 [batch] and the objective drawn for
+  // the batch (0 token, 1 sentence, 2 document); width = output_length, or the longest row when 0.
   m.def(
       "span_shuffle_batch(Tensor tokens, Tensor? lengths, Tensor sentence_end_ids, int seed, "
       "float[] objective_probs, float mask_ratio, float poisson_lambda, int max_span_length, "
-      "float min_document_ratio, int cls_id, int eos_id, int pad_id, int mask_id, int smask_id, "
-      "int gmask_id, int sop_id, int eop_id, int vocab_size, int output_length=0) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float min_document_ratio, int[] special_ids, int vocab_size, int output_length=0, "
+      "int row_offset=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One row from explicit spans [k, 2] and Part B order [k]: tokens, targets, loss_mask,
   // position_ids [2, L] and sep (0-dim).
   m.def(
@@ -52,7 +54,7 @@ TORCH_LIBRARY(glm_ext, m) {
 
   // Mixed-mask attention (GLM_SPEC section 2): softmax attention where query i (absolute position
   // seq_k - seq_q + i) sees key j iff j < sep or j <= position; layouts, lse and checks are
-  // described in csrc/attention.h. Padded: q [batch, seq_q, heads_q, head_dim], k/v [batch,
+  // described in csrc/attention/attention.h. Padded: q [batch, seq_q, heads_q, head_dim], k/v [batch,
   // seq_k, heads_kv, head_dim], sep [batch], cu_seqlens None (max_seqlen ignored). Packed: q
   // [total_q, heads_q, head_dim], k/v [total_k, heads_kv, head_dim], cu_seqlens int32 [n + 1],
   // sep [n]; max_seqlen an upper bound of the sample lengths (0: unknown, the kernel finds it).
@@ -64,7 +66,8 @@ TORCH_LIBRARY(glm_ext, m) {
       "-> (Tensor out, Tensor lse)");
   // Gradients of q, k, v from grad_out and, when given, grad_lse (the gradient of lse).
   // Deterministic: every element is summed in a fixed order (on the CPU the order may depend on
-  // the thread count, which picks between a fused and a two-pass backward).
+  // the thread count when there are fewer (sample, kv head) pairs than 4 per thread: it sets how
+  // many chunks each sample's keys are cut into).
   m.def(
       "mixed_mask_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, "
       "Tensor v, Tensor out, Tensor lse, Tensor sep, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
@@ -74,7 +77,7 @@ TORCH_LIBRARY(glm_ext, m) {
 
 #ifdef GLM_EXT_WITH_CUDA
 namespace glm_ext {
-int compiled_cuda_version();  // csrc/cuda/build_info.cu
+int compiled_cuda_version();  // csrc/common/cuda/build_info.cu
 }
 #endif
 

@@ -8,6 +8,8 @@ registered backward op. Schemas are in ``csrc/registration.cpp``; plain PyTorch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from glm_ext import _C  # noqa: F401  (loads the library: registers torch.ops.glm_ext)
@@ -371,24 +373,22 @@ def span_shuffle_batch(
     poisson_lambda: float,
     max_span_length: int,
     min_document_ratio: float,
-    cls_id: int,
-    eos_id: int,
-    pad_id: int,
-    mask_id: int,
-    smask_id: int,
-    gmask_id: int,
-    sop_id: int,
-    eop_id: int,
+    special_ids: Sequence[int],
     vocab_size: int,
     output_length: int = 0,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Blank-infilling rows from a batch of token rows ``[batch, length]`` (GLM_SPEC section 1).
 
-    Returns ``tokens, targets, loss_mask`` (int64 ``[batch, width]``), ``position_ids``
-    (``[batch, 2, width]``), ``sep`` (int32 ``[batch]``) and the objective drawn for the batch (a
-    0-dim int64: 0 token, 1 sentence, 2 document level). ``width`` is ``output_length``, or the
-    longest assembled row when 0. Same seed, same batch, on every device; each row draws from its
-    own generator, seeded from a hash of ``(seed, row)``. An empty row (length 0) stays empty (all
+    ``special_ids``: the ids of ``[CLS]``, ``<eos>``, pad, ``[MASK]``, ``[sMASK]``, ``[gMASK]``,
+    ``<sop>`` and ``<eop>``, in this order. Returns ``tokens, targets, loss_mask`` (int64 ``[batch,
+    width]``), ``position_ids`` (``[batch, 2, width]``), ``sep`` (int32 ``[batch]``) and the
+    objective drawn for the batch (a 0-dim int64: 0 token, 1 sentence, 2 document level). ``width``
+    is ``output_length``, or the longest assembled row when 0. Same seed, same batch, on every
+    device; row ``i`` draws from its own generator, seeded from a hash of ``(seed, row_offset +
+    i)``, so a batch split into parts (ranks, micro-batches) is drawn as one when each part passes
+    the index of its first row as ``row_offset``; the objective depends on the seed alone. An empty
+    row (length 0) stays empty (all
     padding, ``sep`` 0). A row that cannot be built raises ``ValueError`` naming the row: nothing
     but ``[CLS]``/``<eos>`` to mask, too short for the document level, or token-level spans that do
     not fit with a token between them (possible above ``mask_ratio`` 0.5) in 16 draws.
@@ -397,15 +397,14 @@ def span_shuffle_batch(
     return _ops.span_shuffle_batch(
         tokens, lengths, sentence_end_ids, int(seed) & 0x7FFFFFFFFFFFFFFF, [float(p) for p in objective_probs],
         float(mask_ratio), float(poisson_lambda), int(max_span_length), float(min_document_ratio),
-        cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size, output_length,
+        [int(i) for i in special_ids], vocab_size, output_length, row_offset,
     )
 
 
 @torch.library.register_fake("glm_ext::span_shuffle_batch")
 def _span_shuffle_batch_fake(
     tokens, lengths, sentence_end_ids, seed, objective_probs, mask_ratio, poisson_lambda, max_span_length,
-    min_document_ratio, cls_id, eos_id, pad_id, mask_id, smask_id, gmask_id, sop_id, eop_id, vocab_size,
-    output_length=0,
+    min_document_ratio, special_ids, vocab_size, output_length=0, row_offset=0,
 ):
     _check_same_device("", "tokens", tokens, lengths=lengths, sentence_end_ids=sentence_end_ids)
     width = output_length if output_length > 0 else torch.library.get_ctx().new_dynamic_size()

@@ -103,11 +103,11 @@ def make_rows(batch, length, *, seed=0, documents=1, sentence_every=0):
     return torch.from_numpy(rows)
 
 
-def shuffle_batch(rows, objective="token", seed=0, lengths=None, config=None, **kwargs):
+def shuffle_batch(rows, objective="token", seed=0, lengths=None, config=None, special_ids=SPECIAL, **kwargs):
     probs = {"token": (1.0, 0.0, 0.0), "sentence": (0.0, 1.0, 0.0), "document": (0.0, 0.0, 1.0)}[objective]
     config = config or BlankInfillingConfig(objective_probs=probs)
     return span_shuffle_batch(
-        rows, special_ids=SPECIAL, vocab_size=VOCAB, sentence_end_ids=SENTENCE_ENDS, config=config, seed=seed,
+        rows, special_ids=special_ids, vocab_size=VOCAB, sentence_end_ids=SENTENCE_ENDS, config=config, seed=seed,
         lengths=lengths, **kwargs,
     )
 
@@ -218,6 +218,20 @@ def test_same_seed_same_batch_and_independent_of_threads():
     assert not torch.equal(first.tokens, other.tokens)
 
 
+@pytest.mark.parametrize("objective", ["token", "sentence", "document"])
+def test_parts_drawn_with_their_row_offset_equal_the_whole_batch(objective):
+    rows, lengths = make_rows(7, 120, documents=3, sentence_every=11), torch.tensor([120, 90, 0, 120, 5, 64, 120])
+    whole = shuffle_batch(rows, objective, seed=77, lengths=lengths, output_length=200)
+    for first, last in ((0, 3), (3, 4), (4, 7)):
+        part = shuffle_batch(rows[first:last], objective, seed=77, lengths=lengths[first:last], output_length=200,
+                             row_offset=first)
+        assert part.objective == whole.objective
+        for name in ("tokens", "targets", "loss_mask", "position_ids", "sep"):
+            assert torch.equal(getattr(part, name), getattr(whole, name)[first:last]), name
+    shifted = shuffle_batch(rows, objective, seed=77, lengths=lengths, output_length=200, row_offset=1)
+    assert not torch.equal(shifted.tokens, whole.tokens), "another offset draws from other streams"
+
+
 def test_objective_mixing_follows_the_probabilities():
     rows = make_rows(1, 64, sentence_every=9)
     config = BlankInfillingConfig.glm_10b()
@@ -293,6 +307,10 @@ def test_output_length_pads_every_row():
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(poisson_lambda=0.0)), "poisson_lambda must be a positive number"),
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(max_span_length=0)), r"max_span_length must lie in \[1, 4096\]"),
         (lambda rows, kw: kw.update(config=BlankInfillingConfig(min_document_ratio=1.5)), r"min_document_ratio must lie in \[0, 1\]"),
+        (lambda rows, kw: kw.update(row_offset=-1), r"row_offset must lie in \[0, 2\^63 - 1 - batch\], got -1"),
+        (lambda rows, kw: kw.update(row_offset=2**63 - 2), r"row_offset must lie in"),
+        (lambda rows, kw: kw.update(special_ids=SimpleNamespace(**{**vars(SPECIAL), "sop": VOCAB})),
+         r"special_ids: the sop id must lie in \[0, vocab_size=200\), got 200"),
     ],
 )
 def test_bad_input_gets_clear_error(mutate, match):
@@ -343,8 +361,7 @@ def test_mixed_devices_are_refused():
     # A meta tensor among CPU tensors runs the fake kernel, which once returned uninitialised rows.
     rows, none = make_rows(2, 20), torch.zeros(0, dtype=torch.int64)
     args = dict(seed=0, objective_probs=(1.0, 0.0, 0.0), mask_ratio=0.15, poisson_lambda=3.0, max_span_length=10,
-                min_document_ratio=0.5, cls_id=1, eos_id=5, pad_id=0, mask_id=2, smask_id=6, gmask_id=7, sop_id=3,
-                eop_id=4, vocab_size=VOCAB)
+                min_document_ratio=0.5, special_ids=[1, 5, 0, 2, 6, 7, 3, 4], vocab_size=VOCAB)
     with pytest.raises(ValueError, match=r"lengths must be on the device of tokens \(cpu\), got meta"):
         ops.span_shuffle_batch(rows, torch.tensor([20, 20], device="meta"), none, **args)
     with pytest.raises(ValueError, match=r"sentence_end_ids must be on the device of tokens \(cpu\), got meta"):
@@ -435,7 +452,7 @@ def test_every_accepted_configuration_gives_valid_rows_or_a_clear_error():
 
 
 def test_span_shuffle_rows_under_address_and_undefined_behaviour_sanitizers(tmp_path):
-    # The per-row algorithm (csrc/span_shuffle.h) in a standalone program built with ASan/UBSan:
+    # The per-row algorithm (csrc/batching/span_shuffle.h) in a standalone program built with ASan/UBSan:
     # every buffer has exactly the kernels' size, so any read or write past one is reported.
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:

@@ -11,6 +11,8 @@ import torch
 from glm_ext import ops
 
 OBJECTIVES = ("token", "sentence", "document")
+# The roles of ops.span_shuffle_batch's special_ids, in its order.
+SPECIAL_ID_ORDER = ("cls", "eos", "pad", "mask", "smask", "gmask", "sop", "eop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +110,14 @@ def span_shuffle_batch(
     seed: int,
     lengths: torch.Tensor | None = None,
     output_length: int = 0,
+    row_offset: int = 0,
 ) -> BlankInfillingBatch:
     """Blank-infilling rows from token rows ``[batch, length]`` (CPU or CUDA tensors; row ``i``
     is ``rows[i, :lengths[i]]``). ``special_ids`` is a :class:`glm_ext.tokenizer.SpecialIds` (or
     anything with its fields). Rows are padded to ``output_length`` (0: the longest row); an empty
-    row stays empty. The same seed gives the same batch, on every device."""
+    row stays empty. The same seed gives the same batch, on every device. Row ``i`` is drawn as row
+    ``row_offset + i`` of a batch with this seed (the parts of a batch split over ranks are then
+    drawn as the whole would be)."""
     sentence_end_ids = torch.as_tensor(sentence_end_ids, dtype=torch.int64, device=rows.device)
     tokens, targets, loss_mask, position_ids, sep, objective = ops.span_shuffle_batch(
         rows,
@@ -124,15 +129,9 @@ def span_shuffle_batch(
         poisson_lambda=config.poisson_lambda,
         max_span_length=config.max_span_length,
         min_document_ratio=config.min_document_ratio,
-        cls_id=special_ids.cls,
-        eos_id=special_ids.eos,
-        pad_id=special_ids.pad,
-        mask_id=special_ids.mask,
-        smask_id=special_ids.smask,
-        gmask_id=special_ids.gmask,
-        sop_id=special_ids.sop,
-        eop_id=special_ids.eop,
+        special_ids=[getattr(special_ids, role) for role in SPECIAL_ID_ORDER],
         vocab_size=vocab_size,
         output_length=output_length,
+        row_offset=row_offset,
     )
     return BlankInfillingBatch(tokens, targets, loss_mask, position_ids, sep, OBJECTIVES[int(objective)])

@@ -65,15 +65,9 @@ class BlankInfillingCollator:
                 f"rows {too_long[:5]} are longer than input_length={self.input_length} (the longest input "
                 f"whose blank-infilling row fits max_length={self.max_length}); cut rows to that length"
             )
-        # The op draws row i from stream (seed, i) but takes no row offset: rows before first_row
-        # are stand-ins (valid rows: [CLS] then [MASK]s, neither protected nor sentence ends),
-        # dropped again after the op.
-        stand_in = torch.full((self.input_length,), self.special_ids.mask, dtype=torch.int64)
-        stand_in[0] = self.special_ids.cls
-        tensors = [stand_in] * first_row + tensors
         lengths = torch.tensor([len(t) for t in tensors], dtype=torch.int64)
         padded = torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=self.special_ids.pad)
-        batch = span_shuffle_batch(
+        return span_shuffle_batch(
             padded,
             special_ids=self.special_ids,
             vocab_size=self.vocab_size,
@@ -82,9 +76,8 @@ class BlankInfillingCollator:
             seed=seed,
             lengths=lengths,
             output_length=self.max_length,
+            row_offset=first_row,
         )
-        own = (batch.tokens, batch.targets, batch.loss_mask, batch.position_ids, batch.sep)
-        return BlankInfillingBatch(*(t[first_row:] for t in own), batch.objective)
 
     def next_seed(self) -> int:
         """The seed of the next batch (advances :meth:`state_dict`'s batch count)."""

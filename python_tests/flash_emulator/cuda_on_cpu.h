@@ -1,10 +1,10 @@
-// Just enough of CUDA's execution model on the CPU to run the flash-attention kernels of
-// csrc/cuda/attention unchanged: one thread block at a time, each CUDA thread a fiber
-// (ucontext) on one OS thread, switched only at barriers, so that runs are deterministic.
-// __syncthreads / __syncwarp are real barriers (a barrier some threads never reach is reported
-// as a deadlock, not hung), warp-collective instructions exchange their operands through
-// per-warp slots between two warp barriers, and each block's shared memory is checked for
-// writes past its end. Test infrastructure only.
+// Just enough of CUDA's execution model on the CPU to run the CUDA kernels of csrc/ (the
+// flash-attention kernels, rotary_2d, span_shuffle_batch) unchanged: one thread block at a time,
+// each CUDA thread a fiber (ucontext) on one OS thread, switched only at barriers, so that runs
+// are deterministic. __syncthreads / __syncwarp are real barriers (a barrier some threads never
+// reach is reported as a deadlock, not hung), warp-collective instructions exchange their
+// operands through per-warp slots between two warp barriers, and each block's shared memory is
+// checked for writes past its end. Test infrastructure only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -208,6 +208,17 @@ auto warp_collective(const In& mine, F compute) {
   auto result = compute(lanes, lane);
   barrier(1 + warp);
   return result;
+}
+
+// Runs kernel(args...) as every block of `grid`, one block after the other (kernels without shared
+// memory; harness.cpp's launch also checks the shared memory of the attention kernels).
+template <typename Kernel, typename... Args>
+void launch_grid(dim3 grid, dim3 block_dim, Kernel kernel, const Args&... args) {
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x) run_block(grid, {x, y, z}, block_dim, [&] { kernel(args...); });
+    }
+  }
 }
 
 }  // namespace emu

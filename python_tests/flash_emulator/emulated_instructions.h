@@ -1,4 +1,4 @@
-// CPU versions of the instructions of csrc/cuda/attention/flash_primitives.cuh, written from
+// CPU versions of the instructions of csrc/attention/cuda/flash_primitives.cuh, written from
 // the PTX ISA's definitions (mma.m16n8k16 fragment layouts, ldmatrix, cp.async groups) rather
 // than from the kernels' own index code, so that a kernel whose operands are laid out wrongly
 // computes wrong numbers here too. Included inside namespace glm_ext::cuda::flash by

@@ -1,6 +1,6 @@
-// The CUDA flash-attention kernels of csrc/cuda/attention, unchanged, run on the CPU through
+// The CUDA flash-attention kernels of csrc/attention/cuda, unchanged, run on the CPU through
 // cuda_on_cpu.h and emulated_instructions.h, with the same argument checks and parameters as
-// the CUDA entry points (csrc/cuda/attention/flash_host.h). Built by test_flash_emulation.py.
+// the CUDA entry points (csrc/attention/cuda/flash_host.h). Built by test_flash_emulation.py.
 #include "cuda_on_cpu.h"
 // Before the kernel headers: flash_primitives.cuh includes this instead of the PTX instructions.
 #define GLM_EXT_FLASH_EMULATION "emulated_instructions.h"
@@ -10,7 +10,7 @@
 #include <optional>
 #include <tuple>
 
-#include "attention.h"
+#include "attention/attention.h"
 #include "backward_kernels.cuh"
 #include "flash_host.h"
 #include "forward_kernel.cuh"
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q_in, const at::Ten
   auto out = nan_like(q_in.sizes(), q_in.options());
   auto lse = nan_like(args.lse_shape(), q_in.options().dtype(at::kFloat));
   auto params = forward_params(args, q, k, v);
-  set_outputs(params, out, lse, args.packed);
+  set_outputs(params, out, lse);
   ::emu::deferred_copies() = deferred_copies;
   dispatch(args, [&]<typename T, int D>() {
     const dim3 grid = forward_grid<T, D>(params, length_bounds(args).first);
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto grad_v = nan_like(v_in.sizes(), v_in.options());
   auto delta = nan_like(fwd.lse_shape(), args.lse.options());
   auto params = backward_params(args, q, k, v, out, grad_out);
-  set_gradients(params, grad_q, grad_k, grad_v, delta, fwd.packed);
+  set_gradients(params, grad_q, grad_k, grad_v, delta);
   ::emu::deferred_copies() = deferred_copies;
   const auto [bound_q, bound_k] = length_bounds(fwd);
   dispatch(fwd, [&]<typename T, int D>() {

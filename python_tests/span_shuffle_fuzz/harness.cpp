@@ -1,5 +1,5 @@
 // Random rows and parameters over the whole range span_shuffle_batch accepts, through the per-row
-// algorithm of csrc/span_shuffle.h (the code the CPU and CUDA kernels share), built with
+// algorithm of csrc/batching/span_shuffle.h (the code the CPU and CUDA kernels share), built with
 // AddressSanitizer and UndefinedBehaviorSanitizer by test_blank_infilling.py. Every buffer has
 // exactly the size the kernels give it, so a read or write past a row's workspace or past the
 // assembled row is reported. Each row must either be refused with a RowStatus or come out valid:
@@ -16,7 +16,7 @@
 #include <random>
 #include <vector>
 
-#include "span_shuffle.h"
+#include "batching/span_shuffle.h"
 
 using namespace glm_ext::span_shuffle;
 

@@ -25,7 +25,7 @@ An example paragraph with code that is left out whole:
 
 Return the number of items stored in the container, as an integer."""
 
-# The sentences the rule keeps, and their maskable words (4+ lowercase letters, not the first word),
+# The sentences the rule keeps, and their maskable words (4+ lowercase letters),
 # read off HAND_MADE by hand.
 QUALIFYING = {
     "The parser reads every token of the input stream.": ["parser", "reads", "every", "token", "input", "stream"],

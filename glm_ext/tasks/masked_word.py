@@ -9,8 +9,9 @@ The rule (fixed before looking at any result, and the same for every model):
   ``MAX_WORDS`` words, starting with a capital letter, ending with a full stop, every word letters
   only (apostrophes and hyphens inside, one trailing ``,``, ``;``, ``:`` or ``.``), so no code,
   markup or numbers;
-* **masked word**: in each sentence one word of ``MIN_LETTERS`` or more lowercase letters, not the
-  first word, drawn uniformly at random (seeded); its letters become ``[MASK]`` (punctuation stays);
+* **masked word**: in each sentence one word of ``MIN_LETTERS`` or more lowercase letters (so never
+  the capitalised first word), drawn uniformly at random (seeded); its letters become ``[MASK]``
+  (punctuation stays);
 * **items**: ``count`` qualifying sentences drawn at random (seeded) from all of them;
 * **exact match**: the predicted word equals the masked word, letter for letter and case;
 * **baseline**: always answering the most frequent maskable word of the training documents'
@@ -92,7 +93,7 @@ def _prose_words(sentence: str) -> list[str] | None:
 
 
 def _maskable(words: Sequence[str]) -> list[int]:
-    return [i for i, word in enumerate(words) if i > 0 and _LOWER_WORD.fullmatch(word)]
+    return [i for i, word in enumerate(words) if _LOWER_WORD.fullmatch(word)]
 
 
 def _qualifying(documents: Iterable[str]) -> Iterable[list[str]]:

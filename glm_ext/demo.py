@@ -32,7 +32,7 @@ from glm_ext.tasks import masked_word
 from glm_ext.tokenizer import GLMTokenizer
 from glm_ext.training import TrainConfig, Trainer
 
-# The demo's training run, sized for about three minutes on 2 CPU cores (the README has the
+# The demo's training run, sized so that the whole demo takes about four CPU-minutes (the README has the
 # measurements). Blanks are single tokens mostly (Poisson(1) spans) over 30% of the tokens: twice
 # the training signal per step of the authors' 15%, and closer to the one-word blanks it is scored on.
 # The word-level vocabulary of 2000 tokens holds the held-out sentences' frequent words (84% of the

@@ -5,6 +5,7 @@ Ways to get one:
 
 - :meth:`GLMTokenizer.train` learns a byte-level BPE on texts. The ten special tokens take ids 0..9 in
   GLM_SPEC section 4 order (``[pad]`` first), so small trained vocabularies have stable small ids.
+  :meth:`GLMTokenizer.train_wordpiece` learns an uncased WordPiece laid out as GLM-Base's (below).
 - From the files the authors' checkpoints were trained with, giving the authors' ids for text and
   special tokens (THUDM/GLM ``data_utils/tokenization.py``; N is the size of the files' vocabulary):
 
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -277,14 +279,35 @@ class GLMTokenizer:
             raise ValueError(
                 f"vocab_file {os.fspath(vocab_file)!r} repeats tokens: its ids are not 0..{len(vocab) - 1}"
             )
-        tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=100))
-        tokenizer.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
-        )
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        tokenizer.add_special_tokens([_authors_special(role) for role in (*_BERT_ROLES, *_BLOCK_ROLES)])
-        return cls(tokenizer)
+        return cls(_bert_wordpiece(models.WordPiece(vocab, **_WORDPIECE_SETTINGS), lowercase))
+
+    @classmethod
+    def train_wordpiece(cls, texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> GLMTokenizer:
+        """An uncased word-level WordPiece of at most ``vocab_size`` tokens for ``texts`` (fewer when
+        the texts hold fewer frequent words), laid out as
+        GLM-Base's (BERT's ``[PAD]``, ``[CLS]``, ``[SEP]``, ``[MASK]``, ``[UNK]`` at ids 0..4, then the
+        pieces, then ``<|startofpiece|>``, ``<|endofpiece|>``, ``[gMASK]``, ``[sMASK]``;
+        :meth:`from_wordpiece_file` has the tokenisation). The pieces: every character of the texts
+        (after BERT's normalisation), alone and as a ``##`` continuation, then the words seen at least
+        ``min_frequency`` times, most frequent first (ties in code-point order) while they fit. So
+        each frequent word is one token (filling a blank with one token chooses a whole word) and
+        any other word is spelt out in characters; only characters never seen are ``[UNK]``.
+        Deterministic: the same texts give the same file."""
+        tokenizer = _bert_wordpiece(models.WordPiece(**_WORDPIECE_SETTINGS), lowercase=True, specials=False)
+        words: collections.Counter[str] = collections.Counter()
+        for text in texts:
+            normalized = tokenizer.normalizer.normalize_str(text)
+            words.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normalized))
+        characters = sorted({c for word in words for c in word})
+        pieces = [SPECIAL_TOKENS[role] for role in _BERT_ROLES] + characters + ["##" + c for c in characters]
+        room = vocab_size - len(_BLOCK_ROLES) - len(pieces)
+        if room < 0:
+            raise ValueError(f"vocab_size must be at least {len(pieces) + len(_BLOCK_ROLES)} for these texts (special "
+                             f"tokens and {len(characters)} characters twice), got {vocab_size}")
+        frequent = sorted((w for w, n in words.items() if n >= min_frequency and len(w) > 1), key=lambda w: (-words[w], w))
+        pieces += frequent[:room]
+        vocab = {piece: i for i, piece in enumerate(pieces)}
+        return cls(_bert_wordpiece(models.WordPiece(vocab, **_WORDPIECE_SETTINGS), lowercase=True))
 
     @classmethod
     def from_sentencepiece_file(cls, model_file: str | os.PathLike, *, fix_command_token: bool = True) -> GLMTokenizer:
@@ -587,6 +610,23 @@ def _read_bpe_files(vocab_file: str | os.PathLike, merges_file: str | os.PathLik
             f"vocab_file {os.fspath(vocab_file)!r} and merges_file {os.fspath(merges_file)!r} are not a BPE "
             f"vocab.json and merges.txt: {exc}"
         ) from exc
+
+
+_WORDPIECE_SETTINGS = {"unk_token": SPECIAL_TOKENS["unk"], "max_input_chars_per_word": 100}
+
+
+def _bert_wordpiece(model: models.WordPiece, lowercase: bool, *, specials: bool = True) -> Tokenizer:
+    """BERT's tokenisation around a WordPiece model (:meth:`GLMTokenizer.from_wordpiece_file`),
+    with GLM's special tokens at the authors' ids unless ``specials`` is False."""
+    tokenizer = Tokenizer(model)
+    tokenizer.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    if specials:
+        tokenizer.add_special_tokens([_authors_special(role) for role in (*_BERT_ROLES, *_BLOCK_ROLES)])
+    return tokenizer
 
 
 def _byte_level(model: models.Model) -> Tokenizer:

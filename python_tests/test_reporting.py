@@ -1,5 +1,5 @@
 """What a person watching a run sees: progress display (glm_ext.progress), metrics files
-(glm_ext.metrics), plots (glm_ext.plot, glm-ext plot) and the demo's exact-match score (glm_ext.cloze)."""
+(glm_ext.metrics) and plots (glm_ext.plot, glm-ext plot)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from glm_ext import cli, cloze
+from glm_ext import cli
 from glm_ext.metrics import MetricsLogger, read_metrics
 from glm_ext.plot import DPI, FIGURE_SIZE
 from glm_ext.run_dir import RunDirectory
@@ -137,85 +137,3 @@ def test_plot_draws_two_runs_into_one_png(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path / "missing")]) == 1
     assert "has no metrics.jsonl" in capsys.readouterr().err
 
-
-# ---------------------------------------------------------------------------------------------
-# Exact match on held-out sentences (the demo's score)
-
-HAND_MADE = """\
-The parser reads every token of the input stream. Short one here.
-
-Call foo(x) to get 3 values back from the function now. The loop
-stops when the iterator raises StopIteration.
-
-An example paragraph with code that is left out whole:
-    indented code is not prose at all, so it never counts here.
-
-Return the number of items stored in the container, as an integer."""
-
-# The sentences the rule keeps, and their maskable words (4+ lowercase letters, not the first word).
-QUALIFYING = {
-    "The parser reads every token of the input stream.": ["parser", "reads", "every", "token", "input", "stream"],
-    "The loop stops when the iterator raises StopIteration.": ["loop", "stops", "when", "iterator", "raises"],
-    "Return the number of items stored in the container, as an integer.":
-        ["number", "items", "stored", "container", "integer"],
-}
-
-
-def test_cloze_items_follow_the_rule():
-    items = cloze.cloze_items([HAND_MADE], count=10, seed=3)
-    assert len(items) == 3  # fewer qualifying sentences than asked for: all of them
-    for item in items:
-        assert item.text.count("[MASK]") == 1
-        original = [s for s in QUALIFYING if s == item.text.replace("[MASK]", item.answer)]
-        assert original, item
-        assert item.answer in QUALIFYING[original[0]]
-    assert {i.text.replace("[MASK]", i.answer) for i in items} == set(QUALIFYING)
-    assert cloze.cloze_items([HAND_MADE], count=10, seed=3) == items  # seeded
-    assert len(cloze.cloze_items([HAND_MADE], count=2, seed=3)) == 2
-
-
-def test_punctuation_stays_outside_the_blank():
-    items = cloze.cloze_items(["Return the number of items stored in the container, as an integer."], 1, seed=0)
-    masked = [i.text for seed in range(40) for i in cloze.cloze_items(
-        ["Return the number of items stored in the container, as an integer."], 1, seed=seed)]
-    assert "Return the number of items stored in the [MASK], as an integer." in masked
-    assert "Return the number of items stored in the container, as an [MASK]." in masked
-    assert items[0].answer in ("number", "items", "stored", "container", "integer")
-
-
-def test_exact_match_score_by_hand():
-    assert cloze.predicted_word(" repeated") == "repeated"
-    assert cloze.predicted_word(' "while" loop') == "while"
-    assert cloze.predicted_word("\n") == ""
-    assert cloze.predicted_word(" read-only") == "read"
-    assert cloze.most_frequent_word(["The cat sat on every mat near every door today.", HAND_MADE]) == "every"
-
-    items = [cloze.Cloze("The [MASK] statement repeats.", "while"), cloze.Cloze("Open the [MASK] first.", "file"),
-             cloze.Cloze("Close the [MASK] after.", "file"), cloze.Cloze("A [MASK] of items.", "list")]
-    fills = {items[0].text: ' "while"', items[1].text: " File", items[2].text: " file\n", items[3].text: "\n"}
-    calls = []
-    result = cloze.score(items, fills.__getitem__, "file", progress=lambda: calls.append(1))
-    assert result.predictions == ("while", "File", "file", "")
-    assert result.exact_match == pytest.approx(2 / 4)  # "File" is not "file": exact means exact
-    assert result.baseline == pytest.approx(2 / 4)
-    assert len(calls) == 4
-    with pytest.raises(ValueError, match="as many predictions"):
-        cloze.exact_match([], [])
-
-
-def test_fill_word_gives_one_lowercase_word():
-    import torch
-
-    from glm_ext.model import GLMConfig, GLMModel
-    from glm_ext.tokenizer import GLMTokenizer
-
-    tokenizer = GLMTokenizer.train([HAND_MADE] * 20, 450)
-    torch.manual_seed(0)
-    model = GLMModel(GLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size, num_layers=1)).eval()
-    for seed in range(3):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(seed))
-        word = cloze.fill_word(model, tokenizer, "The parser reads every [MASK] of the input stream.", max_new_tokens=3)
-        assert re.fullmatch(r" [a-z]{4,}", word), word  # a space, then 4+ lowercase letters
-        assert len(tokenizer.encode(word)) <= 3

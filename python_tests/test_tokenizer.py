@@ -91,6 +91,21 @@ def test_training_rejects_a_vocabulary_smaller_than_the_alphabet():
         GLMTokenizer.train(["some text"], 100)
 
 
+def test_trained_wordpiece_has_glm_base_layout_and_whole_words(corpus):
+    tokenizer = GLMTokenizer.train_wordpiece(corpus[:TRAIN_TOPICS], 1000)
+    n = tokenizer.vocab_size - 4  # the learnt pieces; then GLM's block and task tokens
+    assert tokenizer.vocab_size == 1000
+    assert GLMTokenizer.train_wordpiece(corpus[:TRAIN_TOPICS], 5000).vocab_size < 5000  # all frequent words fit
+    assert tokenizer.special_ids == SpecialIds(pad=0, eos=0, cls=1, sep=2, mask=3, unk=4, sop=n, eop=n + 1,
+                                               gmask=n + 2, smask=n + 3)
+    ids = tokenizer.encode("The Statement is Executed.")
+    assert [tokenizer.decode([i]) for i in ids] == ["the", "statement", "is", "executed", "."]  # one token a word
+    assert tokenizer.decode(tokenizer.encode("Hello [MASK] world")) == "hello [MASK] world"
+    assert GLMTokenizer.train_wordpiece(corpus[:TRAIN_TOPICS], 1000).sha256 == tokenizer.sha256
+    with pytest.raises(ValueError, match="vocab_size"):
+        GLMTokenizer.train_wordpiece(["some text"], 20)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_any_text_round_trips(trained, text):

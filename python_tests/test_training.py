@@ -432,13 +432,13 @@ def test_convert_a_preset_with_another_vocabulary(tmp_path, capsys):
 
 def test_demo_smoke_and_train_continues_its_run(tmp_path, capsys):
     out_dir = tmp_path / "demo"
-    args = ["demo", "--output-dir", str(out_dir), "--steps", "3", "--vocab-size", "300", "--device", "cpu"]
+    args = ["demo", "--output-dir", str(out_dir), "--steps", "3", "--vocab-size", "1000", "--device", "cpu"]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    for expected in ("held-out loss at step 0", "held-out loss at step 3", "filled:", "demo finished"):
+    for expected in ("held-out loss at step 0", "held-out loss at step 3", "greedy fill:", "demo finished"):
         assert expected in out
-    assert re.search(r"^exact match: \d+\.\d% \(\d+ of 200\); most-frequent-word baseline \(always '[a-z]+'\): "
-                     r"\d+\.\d%$", out, re.M)
+    assert re.search(r"^exact match on 200 held-out sentences: \d+\.\d% choosing among the training words, \d+\.\d% "
+                     r"with the plain greedy fill; most-frequent-word baseline \(always '[a-z]+'\): \d+\.\d%$", out, re.M)
     checkpoint = latest_checkpoint(out_dir / "run")
     assert checkpoint.name == "step-00000003" and is_checkpoint(checkpoint / "model")
     assert (out_dir / "run" / "loss.png").is_file()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -249,9 +249,11 @@ class MixedMask:
     """GLM's mixed mask (GLM_SPEC 2) for one forward pass, in the form the backends consume.
 
     ``sep`` and ``cu_seqlens`` describe it compactly (what a fused kernel takes); ``dense`` is the
-    materialised boolean mask (:func:`dense_mixed_mask`) that only SDPA needs; ``max_seqlen`` the
-    longest packed sample for the kernels (read once per forward pass rather than once per layer;
-    None under ``torch.compile``). It is built once per forward pass and shared by all layers.
+    materialised boolean mask (:func:`dense_mixed_mask`) that SDPA needs, and every backend when
+    the queries of different rows start at different positions (rows of a key/value cache that
+    differ in length: the kernels take one offset for all rows); ``max_seqlen`` the longest packed
+    sample for the kernels (read once per forward pass rather than once per layer; None under
+    ``torch.compile``). It is built once per forward pass and shared by all layers.
     """
 
     sep: torch.Tensor
@@ -260,17 +262,24 @@ class MixedMask:
     max_seqlen: int | None = None
 
 
-def dense_mixed_mask(sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int) -> torch.Tensor:
+def dense_mixed_mask(
+    sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int,
+    query_offsets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The mixed mask as booleans (True: may attend) in SDPA's layout.
 
-    Padded: ``[B, 1, seq_q, seq_k]``; query ``i`` (absolute position ``seq_k - seq_q + i``) sees key
-    ``j`` iff ``j < sep`` or ``j <= position``. Packed (``cu_seqlens``; ``seq_q == seq_k == T``):
+    Padded: ``[B, 1, seq_q, seq_k]``; query ``i`` (absolute position ``seq_k - seq_q + i``, or
+    ``query_offsets[b] + i`` in row ``b`` when given) sees key ``j`` iff ``j < sep`` or
+    ``j <= position``. Packed (``cu_seqlens``; ``seq_q == seq_k == T``):
     ``[1, 1, T, T]``, block diagonal: token ``i`` sees ``j`` iff both belong to the same sample and
     ``j`` lies in that sample's Part A or ``j <= i``.
     """
     keys = torch.arange(seq_k, device=sep.device)
     if cu_seqlens is None:
-        queries = keys[seq_k - seq_q :, None]
+        if query_offsets is None:
+            queries = keys[seq_k - seq_q :, None]
+        else:
+            queries = query_offsets[:, None, None] + torch.arange(seq_q, device=sep.device)[:, None]
         return ((keys < sep[:, None, None]) | (keys <= queries))[:, None]
     sample = torch.searchsorted(cu_seqlens[1:].to(torch.int64), keys, right=True)
     part_a_end = cu_seqlens[sample] + sep[sample]  # absolute end of each token's Part A
@@ -314,10 +323,14 @@ class Backends:
             rotary_2d=ops.rotary_2d if fused else reference.rotary_2d,
         )
 
-    def mask(self, sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int) -> MixedMask:
-        """The mixed mask of one forward pass, in the form this attention backend consumes."""
-        if self.attention_kernel is None:
-            return MixedMask(sep, cu_seqlens, dense_mixed_mask(sep, cu_seqlens, seq_q, seq_k))
+    def mask(
+        self, sep: torch.Tensor, cu_seqlens: torch.Tensor | None, seq_q: int, seq_k: int,
+        query_offsets: torch.Tensor | None = None,
+    ) -> MixedMask:
+        """The mixed mask of one forward pass, in the form this attention backend consumes
+        (``query_offsets``: per-row positions of the first query, see :class:`KVCache`)."""
+        if self.attention_kernel is None or query_offsets is not None:
+            return MixedMask(sep, cu_seqlens, dense_mixed_mask(sep, cu_seqlens, seq_q, seq_k, query_offsets))
         max_seqlen = None
         if cu_seqlens is not None and not torch.compiler.is_compiling():
             max_seqlen = int(cu_seqlens.diff().max())  # one host synchronisation per forward pass
@@ -326,7 +339,7 @@ class Backends:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: MixedMask) -> torch.Tensor:
         """Softmax attention of ``q [B, Lq, H, D]`` over ``k, v [B, Lk, H, D]`` (packed: ``[T, H, D]``)
         under GLM's mixed mask; queries are the last ``Lq`` of the ``Lk`` positions. Returns q's shape."""
-        if self.attention_kernel is not None:
+        if self.attention_kernel is not None and mask.dense is None:
             return self.attention_kernel(
                 q, k, v, mask.sep, cu_seqlens_q=mask.cu_seqlens, cu_seqlens_k=mask.cu_seqlens,
                 max_seqlen_q=mask.max_seqlen, max_seqlen_k=mask.max_seqlen,
@@ -348,46 +361,104 @@ class Backends:
 class KVCache:
     """Keys and values of every layer for the tokens processed so far, for decoding.
 
-    Pass the same cache to successive forward passes: each appends its tokens after the
-    ``length`` cached ones, and its queries see the cached keys under the mixed mask (query ``i``
-    of ``Lq`` new tokens has absolute position ``length + i``; ``sep`` stays that of the whole
-    sequence). Buffers ``[B, max_length, H, D]`` are allocated by the first pass in the dtype of
-    its keys (bfloat16 under bf16 autocast). Meant for inference (``torch.no_grad``): the buffers
-    are written in place.
+    Pass the same cache to successive forward passes. Each row (batch entry) holds its own number
+    of tokens, ``lengths[b]``: a pass with ``Lq`` new tokens per row writes row ``b``'s keys and
+    values at slots ``lengths[b] .. lengths[b] + Lq - 1``, its queries see that row's cached keys
+    under the mixed mask (query ``i`` has absolute position ``lengths[b] + i``; ``sep`` stays that
+    of the whole sequence), and every row advances by ``Lq``. While rows differ in length
+    (contexts of different lengths decoded together), attention runs on a dense mask through
+    ``scaled_dot_product_attention`` whatever the attention backend (the fused kernels take one
+    query offset for all rows).
+
+    Between passes a decoder may :meth:`trim` rows (forget the padding it fed to shorter rows; the
+    next pass overwrites it) and :meth:`select` rows (keep, drop, repeat or reorder them: finished
+    rows leave the batch, beams are expanded from one row and follow their parents). Buffers
+    ``[B, max_length, H, D]`` are allocated, zeroed (slots past a row's length are read under the
+    mask and must be finite), by the first pass in the dtype of its keys (bfloat16 under bf16
+    autocast). Meant for inference (``torch.no_grad``): the buffers are written in place.
     """
 
     def __init__(self, max_length: int) -> None:
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.max_length = max_length
-        self.length = 0
+        self.lengths: list[int] = []  # one per row, set by the first pass
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
+        self._write_index: tuple[torch.Tensor, torch.Tensor] | None = None  # ragged rows, one pass
+
+    @property
+    def length(self) -> int:
+        """The number of tokens cached in the longest row (in every row when they are equal)."""
+        return max(self.lengths, default=0)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the rows hold different numbers of tokens."""
+        return len(set(self.lengths)) > 1
+
+    def query_offsets(self, device: torch.device) -> torch.Tensor | None:
+        """Each row's cached length ``[B]`` when the rows differ in length, else None (one offset)."""
+        if not self.ragged:
+            return None
+        return torch.tensor(self.lengths, dtype=torch.int64, device=device)
 
     def check_room(self, batch_size: int, num_tokens: int) -> None:
         """Raises ValueError unless ``num_tokens`` more tokens of ``batch_size`` rows fit."""
-        if self._keys and self._keys[0].shape[0] != batch_size:
-            raise ValueError(f"kv_cache holds {self._keys[0].shape[0]} rows, input_ids has {batch_size}")
+        if self.lengths and len(self.lengths) != batch_size:
+            raise ValueError(f"kv_cache holds {len(self.lengths)} rows, input_ids has {batch_size}")
         if self.length + num_tokens > self.max_length:
             raise ValueError(
                 f"kv_cache is full: {self.length} cached + {num_tokens} new tokens > max_length {self.max_length}"
             )
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores the new ``k, v [B, Lq, H, D]`` of ``layer``; returns all keys and values so far."""
+        """Stores the new ``k, v [B, Lq, H, D]`` of ``layer``; returns all keys and values so far
+        (``[B, length + Lq, H, D]``; a shorter row's slots past its own end are masked)."""
         if layer == len(self._keys):
             shape = (k.shape[0], self.max_length, *k.shape[2:])
-            self._keys.append(k.new_empty(shape))
-            self._values.append(v.new_empty(shape))
-        end = self.length + k.shape[1]
+            self._keys.append(k.new_zeros(shape))
+            self._values.append(v.new_zeros(shape))
+            if not self.lengths:
+                self.lengths = [0] * k.shape[0]
         keys, values = self._keys[layer], self._values[layer]
-        keys[:, self.length : end] = k
-        values[:, self.length : end] = v
+        start, end = self.length, self.length + k.shape[1]
+        if not self.ragged:
+            keys[:, start:end] = k
+            values[:, start:end] = v
+        else:
+            if self._write_index is None:  # computed by the first layer, reused by the others
+                rows = torch.arange(k.shape[0], device=k.device)[:, None]
+                slots = self.query_offsets(k.device)[:, None] + torch.arange(k.shape[1], device=k.device)
+                self._write_index = (rows, slots)
+            keys[self._write_index] = k
+            values[self._write_index] = v
         return keys[:, :end], values[:, :end]
 
     def advance(self, num_tokens: int) -> None:
         """Marks ``num_tokens`` written by every layer as cached (called once per forward pass)."""
-        self.length += num_tokens
+        self.lengths = [length + num_tokens for length in self.lengths]
+        self._write_index = None
+
+    def trim(self, lengths: Sequence[int]) -> None:
+        """Keeps only the first ``lengths[b]`` cached tokens of each row (at most what it holds)."""
+        lengths = [int(n) for n in lengths]
+        if len(lengths) != len(self.lengths) or any(not 0 <= n <= m for n, m in zip(lengths, self.lengths)):
+            raise ValueError(f"trim needs one length in [0, cached] per row, cached {self.lengths}, got {lengths}")
+        self.lengths = lengths
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keeps the cached rows ``rows`` in that order (a row may repeat; unlisted rows are dropped)."""
+        rows = [int(r) for r in rows]
+        if any(not 0 <= r < len(self.lengths) for r in rows):
+            raise ValueError(f"select needs row indices in [0, {len(self.lengths)}), got {rows}")
+        if rows == list(range(len(self.lengths))):
+            return
+        if self._keys:
+            index = torch.tensor(rows, dtype=torch.int64, device=self._keys[0].device)
+            self._keys = [keys.index_select(0, index) for keys in self._keys]
+            self._values = [values.index_select(0, index) for values in self._values]
+        self.lengths = [self.lengths[r] for r in rows]
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,22 +633,27 @@ class GLMModel(nn.Module):
         *,
         cu_seqlens: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        logits_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, vocab]`` (packed: ``[T, vocab]``).
 
         With ``kv_cache`` the inputs are the new tokens only; ``sep`` is that of the whole sequence.
+        ``logits_index [B]`` (padded rows only): the logits of that one position of each row,
+        ``[B, vocab]`` (decoding reads only each row's last token).
         """
-        _check_shapes(input_ids, position_ids, sep, cu_seqlens, kv_cache)
+        _check_shapes(input_ids, position_ids, sep, cu_seqlens, kv_cache, logits_index)
         seq_q = input_ids.shape[-1]
         seq_k = seq_q + (kv_cache.length if kv_cache is not None else 0)
+        query_offsets = kv_cache.query_offsets(input_ids.device) if kv_cache is not None else None
         if not torch.compiler.is_compiling():
-            _check_values(position_ids, sep, cu_seqlens, seq_k, self.config.max_sequence_length)
+            _check_values(position_ids, sep, cu_seqlens, seq_k, self.config.max_sequence_length,
+                          query_offsets, logits_index)
 
         backends = self.backends(input_ids.device)
         hidden = self.transformer.embedding_dropout(self._embed(input_ids, position_ids, backends))
         rotary_ids = tuple(position_ids.unbind(-2)) if self.config.position_encoding == "rotary_2d" else None
         ctx = _LayerContext(
-            mask=backends.mask(sep, cu_seqlens, seq_q, seq_k),
+            mask=backends.mask(sep, cu_seqlens, seq_q, seq_k, query_offsets),
             backends=backends,
             rotary_ids=rotary_ids,
             kv_cache=kv_cache,
@@ -589,6 +665,8 @@ class GLMModel(nn.Module):
                 hidden = layer(hidden, ctx)
         if kv_cache is not None:
             kv_cache.advance(seq_q)
+        if logits_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), logits_index]
         hidden = self.transformer.final_layernorm(hidden)
         return F.linear(hidden, self.word_embeddings.weight)
 
@@ -626,6 +704,7 @@ def _check_shapes(
     sep: torch.Tensor,
     cu_seqlens: torch.Tensor | None,
     kv_cache: KVCache | None,
+    logits_index: torch.Tensor | None = None,
 ) -> None:
     """Types, dtypes, shapes and devices (no host synchronisation)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in _INDEX_DTYPES:
@@ -643,6 +722,8 @@ def _check_shapes(
             raise ValueError(f"cu_seqlens must have the shape [n + 1] with n >= 1, got {list(cu_seqlens.shape)}")
         if kv_cache is not None:
             raise ValueError("kv_cache does not support packed rows (cu_seqlens)")
+        if logits_index is not None:
+            raise ValueError("logits_index does not support packed rows (cu_seqlens)")
         (total,) = input_ids.shape
         _check_index_tensor("position_ids", position_ids, (2, total), input_ids)
         _check_index_tensor("sep", sep, (cu_seqlens.numel() - 1,), input_ids)
@@ -651,6 +732,8 @@ def _check_shapes(
         batch, seq = input_ids.shape
         _check_index_tensor("position_ids", position_ids, (batch, 2, seq), input_ids)
         _check_index_tensor("sep", sep, (batch,), input_ids)
+        if logits_index is not None:
+            _check_index_tensor("logits_index", logits_index, (batch,), input_ids)
         if kv_cache is not None:
             kv_cache.check_room(batch, seq)
 
@@ -661,14 +744,31 @@ def _check_values(
     cu_seqlens: torch.Tensor | None,
     seq_k: int,
     max_position: int,
+    query_offsets: torch.Tensor | None = None,
+    logits_index: torch.Tensor | None = None,
 ) -> None:
-    """Value ranges of positions, ``sep`` and ``cu_seqlens``, read with one host synchronisation."""
-    lengths = torch.full_like(sep, seq_k) if cu_seqlens is None else cu_seqlens.diff()
+    """Value ranges of positions, ``sep``, ``cu_seqlens`` and ``logits_index``, read with one host
+    synchronisation. ``query_offsets``: each row's cached length when the rows differ."""
+    if cu_seqlens is not None:
+        lengths = cu_seqlens.diff()
+    elif query_offsets is not None:
+        lengths = query_offsets + position_ids.shape[-1]
+    else:
+        lengths = torch.full_like(sep, seq_k)
     stats = [position_ids.min(), position_ids.max(), sep.min(), (sep.to(torch.int64) - lengths).max()]
     if cu_seqlens is not None:
         stats += [cu_seqlens[0], cu_seqlens[-1], cu_seqlens.diff().min()]
+    if logits_index is not None:  # padded rows only, never with cu_seqlens
+        stats += [logits_index.min(), logits_index.max()]
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
     pos_min, pos_max, sep_min, sep_over = values[:4]
+    if logits_index is not None:
+        index_min, index_max = values[4:]
+        if index_min < 0 or index_max >= position_ids.shape[-1]:
+            raise ValueError(
+                f"logits_index must lie in [0, {position_ids.shape[-1]}) (the new tokens of a row), "
+                f"got values in [{index_min}, {index_max}]"
+            )
     if cu_seqlens is not None:
         total = position_ids.shape[-1]
         cu_first, cu_last, cu_step = values[4:]
@@ -682,7 +782,8 @@ def _check_values(
             f"position_ids must lie in [0, max_sequence_length={max_position}], got values in [{pos_min}, {pos_max}]"
         )
     if sep_min < 0 or sep_over > 0:
-        bound = f"its sequence length ({seq_k})" if cu_seqlens is None else "the length of its sample"
+        bound = "the length of its sample" if cu_seqlens is not None else (
+            f"its sequence length ({seq_k})" if query_offsets is None else "its row's length")
         raise ValueError(f"sep must lie in [0, L] with L {bound}, got {sep.tolist()}")
 
 

@@ -350,8 +350,16 @@ class GLMTokenizer:
 
     # ----- encoding and decoding ----------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special_tokens_as_text: bool = False) -> list[int]:
+        """Token ids of ``text``. With ``special_tokens_as_text`` the special tokens' texts in it
+        (``[CLS]``, ``<|endofpiece|>``, ...) are encoded as plain text, not as control tokens."""
+        if not special_tokens_as_text:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        self._tokenizer.encode_special_tokens = True
+        try:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self._tokenizer.encode_special_tokens = False
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (in parallel, in the library's native code)."""
@@ -435,11 +443,13 @@ class SentencePieceTokenizer:
     ``ChineseSPTokenizer`` does. Decoding decodes the runs of ordinary ids with SentencePiece and
     writes special tokens as their texts; ids that are neither are skipped. Several special tokens
     may share an id: the first one listed is the id's text. ``to_str`` is the saved form (see the
-    module docstring).
+    module docstring). ``encode_special_tokens`` (as in ``tokenizers``): encode special tokens'
+    texts as plain text.
     """
 
     FORMAT = "glm_ext.sentencepiece"
     VERSION = 1
+    encode_special_tokens = False
 
     def __init__(self, model: bytes, special_tokens: Sequence[SpecialToken]) -> None:
         self._model = bytes(model)
@@ -496,7 +506,7 @@ class SentencePieceTokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[SentencePieceEncoding]:
-        splits = [self._splitter.split(text) for text in texts]
+        splits = [[text] if self.encode_special_tokens else self._splitter.split(text) for text in texts]
         # re.split alternates text pieces (even indices) and matched special texts (odd indices).
         pieces = [piece for split in splits for piece in split[::2] if piece]
         encoded = iter(self._processor.encode(pieces))

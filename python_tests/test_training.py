@@ -18,11 +18,10 @@ import yaml
 from glm_ext import cli, progress
 from glm_ext.checkpoint import is_checkpoint, load_checkpoint, save_authors_checkpoint
 from glm_ext.cli.config_options import add_dataclass_options, option_values
-from glm_ext.data import BlankInfillingConfig, default_corpus, prepare_token_file
+from glm_ext.data import BlankInfillingConfig
 from glm_ext.files import write_manifest
 from glm_ext.metrics import read_metrics
 from glm_ext.model import PRESETS, GLMConfig, GLMModel
-from glm_ext.tokenizer import GLMTokenizer
 from glm_ext.training import (
     OBJECTIVE_MIXES,
     TrainConfig,
@@ -33,34 +32,20 @@ from glm_ext.training import (
     resolve_device,
 )
 
-SMALL_MODEL = dict(hidden_size=32, num_layers=2, num_heads=4, max_sequence_length=64)
+import training_testing
+from training_testing import SMALL_MODEL, make_training_data, quiet
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A tokenizer and training / held-out token files from a few help() topics."""
-    root = tmp_path_factory.mktemp("data")
-    documents = default_corpus()[:12]
-    for name, docs in (("train", documents[:10]), ("heldout", documents[10:])):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tokenizer = GLMTokenizer.train(documents[:10], 300)
-    tokenizer.save(root / "tokenizer.json")
-    for name in ("train", "heldout"):
-        prepare_token_file([root / f"{name}.jsonl"], tokenizer, root / name)
-    return root
+    return make_training_data(tmp_path_factory.mktemp("data"))
 
 
 def small_config(data: Path, output_dir: Path, **overrides) -> TrainConfig:
-    fields = dict(
-        train_data=str(data / "train"), eval_data=str(data / "heldout"), tokenizer=str(data / "tokenizer.json"),
-        output_dir=str(output_dir), model_overrides=SMALL_MODEL, max_length=48, batch_size=4, steps=20,
-        warmup=3, lr=3e-3, log_every=5, eval_batches=2, device="cpu",
-    )
-    return TrainConfig(**{**fields, **overrides})
-
-
-def quiet(_line: str) -> None:
-    pass
+    """The shared small run, 20 steps logged every 5, in the default dtype."""
+    fields = dict(steps=20, warmup=3, log_every=5, dtype="auto")
+    return training_testing.small_config(data, output_dir, **{**fields, **overrides})
 
 
 @pytest.fixture(autouse=True)

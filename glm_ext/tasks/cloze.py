@@ -348,11 +348,11 @@ class SharedContextCache(KVCache):
         return torch.cat([context[0], k], 1), torch.cat([context[1], v], 1)
 
     def advance(self, num_tokens: int) -> None:
-        self.length += num_tokens
+        self.lengths = [self.length + num_tokens]
 
     def select(self, row: int, length: int) -> None:
         """The next pass continues the Part A of context row ``row`` (its first ``length`` tokens)."""
-        self._row, self._row_length, self.length = row, length, length
+        self._row, self._row_length, self.lengths = row, length, [length]
 
 
 #: See :func:`_shares_context` and benchmarks/bench_cloze.py.

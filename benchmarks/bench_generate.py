@@ -309,9 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = GLMTokenizer.train(TOKENIZER_TEXTS, 400)
     special = tokenizer.special_ids
     env = environment_info(device)
-    resolved = model.backends(device, dtype)
-    attention = f"{model.attention_backend} -> {resolved.attention} ({resolved.reason}; rows of different " \
-                "lengths in the cache: sdpa)"
+    resolved, decoding = model.backends(device, dtype), model.backends(device, dtype, decoding=True)
+    attention = f"{model.attention_backend} -> {resolved.attention} ({resolved.reason}); decoding steps: " \
+                f"{decoding.attention} ({decoding.reason}); rows of different lengths in the cache: sdpa"
     load_before = load_average()
     print(f"GLM {preset} ({config}) on {env['device_name']} ({device}), {str(dtype).removeprefix('torch.')}, "
           f"context {context}, batches {args.batches}, attention {attention}; "

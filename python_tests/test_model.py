@@ -378,7 +378,9 @@ def test_padding_never_changes_real_tokens():
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-@pytest.mark.parametrize("attention, embedding", [("sdpa", "fused"), ("fused", "fused"), ("reference", "reference")])
+@pytest.mark.parametrize(
+    "attention, embedding", [("sdpa", "fused"), ("fused", "fused"), ("reference", "reference"), ("auto", "fused")]
+)
 @pytest.mark.parametrize("chunks", [(6, 1, 1, 1, 1, 1, 1, 1, 1), (6, 2, 3, 3), (3, 3, 8)])
 def test_kv_cache_matches_recomputing_everything(encoding, attention, embedding, chunks):
     config = small_config(encoding)
@@ -395,6 +397,24 @@ def test_kv_cache_matches_recomputing_everything(encoding, attention, embedding,
             start += n
     assert cache.length == total
     torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_decodes_with_sdpa_on_cpu(monkeypatch):
+    model = random_model(small_config(), attention="auto")
+    ids, positions, sep = random_inputs(model.config, batch=2, seq=6)
+    kernel, kernel_queries = model_module.ops.mixed_mask_attention, []
+
+    def spy(q, *args, **kwargs):
+        kernel_queries.append(q.shape[1])
+        return kernel(q, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.ops, "mixed_mask_attention", spy)
+    cache = KVCache(16)
+    with torch.no_grad():
+        model(ids[:, :5], positions[:, :, :5], sep, kv_cache=cache)  # prefill: the fused kernel
+        model(ids[:, 5:], positions[:, :, 5:], sep, kv_cache=cache)  # one token per row: SDPA
+    assert kernel_queries == [5] * model.config.num_layers
+    assert model.backends("cpu", decoding=True).attention == "sdpa"
 
 
 def test_kv_cache_follows_autocast_dtype():
@@ -626,9 +646,11 @@ def test_unknown_backends():
 # Attention backend choice ("auto") and the dense mask
 
 
-def choose(requested="auto", device_type="cpu", dtype=torch.float32, head_dim=64, attention_dropout=0.0):
+def choose(requested="auto", device_type="cpu", dtype=torch.float32, head_dim=64, attention_dropout=0.0,
+           decoding=False):
     return model_module.choose_attention_backend(
-        requested, device_type=device_type, dtype=dtype, head_dim=head_dim, attention_dropout=attention_dropout
+        requested, device_type=device_type, dtype=dtype, head_dim=head_dim, attention_dropout=attention_dropout,
+        decoding=decoding,
     ).backend
 
 
@@ -638,6 +660,8 @@ def test_auto_attention_backend_decisions(monkeypatch):
     assert choose(head_dim=512) == "sdpa"
     assert choose(attention_dropout=0.1) == "sdpa"  # the kernel has no dropout
     assert choose(device_type="mps") == "sdpa"
+    assert choose(decoding=True) == "sdpa"  # the CPU kernel has no few-query path
+    assert choose("fused", decoding=True) == "fused"
     # CUDA: SDPA until the kernel has passed its tests on a GPU, then fused where it applies.
     monkeypatch.setattr(model_module, "FUSED_ATTENTION_CUDA_VERIFIED", False)
     choice = model_module.choose_attention_backend(

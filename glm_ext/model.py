@@ -12,8 +12,9 @@ Two switches pick the implementation of the non-matmul parts, never the maths:
   dense boolean mixed mask; ``"fused"`` runs ``glm_ext.ops.mixed_mask_attention`` (no dense mask,
   packed rows go in as they are); ``"reference"`` runs ``glm_ext.reference.mixed_mask_attention``;
   ``"auto"`` (the default) picks ``"fused"`` wherever its kernel supports the inputs (on the CPU
-  except for decoding steps over a key/value cache) and ``"sdpa"`` otherwise (:func:`choose_attention_backend` says which and why). Each forward pass resolves the
-  switches once into a :class:`Backends` object that the layers call.
+  except for decoding steps over a key/value cache) and ``"sdpa"`` otherwise
+  (:func:`choose_attention_backend` says which and why). Each forward pass resolves the switches once
+  into a :class:`Backends` object that the layers call.
 
 Dropout (``GLMConfig.embedding_dropout``, ``attention_dropout``, ``output_dropout``; 0 by default)
 sits where the authors put it: on the summed input embeddings, on the attention probabilities, and
@@ -213,8 +214,8 @@ def choose_attention_backend(
     key/value cache that already holds tokens (a decoding step).
 
     ``"auto"`` takes the fused kernel wherever it supports the inputs: on the CPU (any float
-    dtype, ``head_dim`` up to 256) except for decoding steps; on CUDA for fp16/bf16 with ``head_dim`` 64 or 128 once
-    ``FUSED_ATTENTION_CUDA_VERIFIED`` (until then never). Everywhere else it takes SDPA.
+    dtype, ``head_dim`` up to 256) except for decoding steps; on CUDA for fp16/bf16 with ``head_dim``
+    64 or 128 once ``FUSED_ATTENTION_CUDA_VERIFIED`` (until then never). Everywhere else it takes SDPA.
 
     Attention dropout: neither the fused kernel nor the reference has dropout, and the
     probabilities never leave the kernel, so nothing can drop them from outside. Rather than

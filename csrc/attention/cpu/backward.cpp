@@ -136,9 +136,9 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b, const std::vector<
   const int64_t chunk_elements = chunks > 1 ? partial_dq.size(1) : 0;
 
   parallel_over_items(costs, [&](int64_t begin, int64_t end) {
-    std::vector<T> kc, vc, dk, dv;  // [keys of the chunk, dp]: its keys and values, their gradients
-    std::vector<T> buffer(3 * kTile * dp + 2 * dim * kTile + 2 * kTile * kTile, T(0));
-    T* qr = buffer.data();           // [kTile, dp]: a block of queries
+    std::vector<T> kc_buffer, vc_buffer, dk_buffer, dv_buffer, buffer;
+    T* qr = aligned_zeros(buffer, 3 * kTile * dp + 2 * dim * kTile + 2 * kTile * kTile);  // [kTile, dp]:
+                                     // a block of queries
     T* gr = qr + kTile * dp;         // [kTile, dp]: their rows of grad_out
     T* dq = gr + kTile * dp;         // [kTile, dp]: their gradient
     T* qt = dq + kTile * dp;         // [dim, kTile]: the queries, scaled, transposed
@@ -154,14 +154,15 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b, const std::vector<
       const int64_t si = item.sample, kv_head = item.kv_head;
       const MixedMaskSample& s = samples[si];
       const int64_t chunk_keys = item.k_end - item.k_begin;
-      kc.assign(chunk_keys * dp, T(0));
-      vc.assign(chunk_keys * dp, T(0));
+      // [keys of the chunk, dp]: its keys and values, their gradients
+      T* kc = aligned_zeros(kc_buffer, chunk_keys * dp);
+      T* vc = aligned_zeros(vc_buffer, chunk_keys * dp);
       load_rows(k + attention_offset(a.k_strides, s, s.k_start, item.k_begin, kv_head), a.k_strides.token,
-                chunk_keys, dim, kc.data(), dp);
+                chunk_keys, dim, kc, dp);
       load_rows(v + attention_offset(a.v_strides, s, s.k_start, item.k_begin, kv_head), a.v_strides.token,
-                chunk_keys, dim, vc.data(), dp);
-      dk.assign(chunk_keys * dp, T(0));
-      dv.assign(chunk_keys * dp, T(0));
+                chunk_keys, dim, vc, dp);
+      T* dk = aligned_zeros(dk_buffer, chunk_keys * dp);
+      T* dv = aligned_zeros(dv_buffer, chunk_keys * dp);
       // Query blocks outer, the chunk's key tiles they see inner: a block's dQ is complete when
       // its key loop ends, and only one block of queries is held at a time.
       for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
@@ -184,10 +185,10 @@ void backward_kernel(const MixedMaskAttentionBackwardArgs& b, const std::vector<
           const int64_t key_end = std::min<int64_t>(item.k_end, col_visible[rows - 1]);
           for (int64_t k0 = item.k_begin; k0 < key_end; k0 += kTile) {
             const int64_t keys = std::min(kTile, s.len_k - k0);
-            const T* k_rows = kc.data() + (k0 - item.k_begin) * dp;
-            const T* v_rows = vc.data() + (k0 - item.k_begin) * dp;
-            T* dk_rows = dk.data() + (k0 - item.k_begin) * dp;
-            T* dv_rows = dv.data() + (k0 - item.k_begin) * dp;
+            const T* k_rows = kc + (k0 - item.k_begin) * dp;
+            const T* v_rows = vc + (k0 - item.k_begin) * dp;
+            T* dk_rows = dk + (k0 - item.k_begin) * dp;
+            T* dv_rows = dv + (k0 - item.k_begin) * dp;
             const bool masked = col_visible[0] < k0 + keys;  // else every query sees every key here
             kernels.gemm_set(k_rows, dp, qt, kTile, st, kTile, keys, dim, kTile);    // S^T = K Q^T
             kernels.gemm_set(v_rows, dp, dot, kTile, dpt, kTile, keys, dim, kTile);  // dP^T = V dO^T

@@ -55,10 +55,33 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
     }
   }
 
+  // The rows an item reads: its queries (from row q0 of its head), the keys and values of its kv head
+  // (from row 0) up to key_rows (the tiles it visits), and the output rows it writes.
+  struct ItemRows {
+    const scalar_t *q, *k, *v;
+    scalar_t* o;
+    int64_t kv_head, rows, key_end, key_rows;
+  };
+  auto item_rows = [&](int64_t index) {
+    const auto [si, h, q0] = items[index];
+    const MixedMaskSample& s = samples[si];
+    const int64_t kv_head = h / group, rows = std::min(kTile, s.len_q - q0);
+    const int64_t key_end = visible_keys(s, q0 + rows - 1);  // tiles at or past it are fully masked
+    return ItemRows{q + attention_offset(a.q_strides, s, s.q_start, q0, h),
+                    k + attention_offset(a.k_strides, s, s.k_start, 0, kv_head),
+                    v + attention_offset(a.v_strides, s, s.k_start, 0, kv_head),
+                    o + attention_offset(o_strides, s, s.q_start, q0, h),
+                    kv_head,
+                    rows,
+                    key_end,
+                    std::min(s.len_k, ceil_div(key_end, kTile) * kTile)};
+  };
+
   parallel_over_items(costs, [&](int64_t begin, int64_t end) {
     HeadRows<T> k_rows(dim, max_len_k), v_rows(dim, max_len_k);
-    std::vector<T> buffer(dim * kTile + 2 * kTile * dp + kTile * kTile, T(0));
-    T* qt = buffer.data();         // [dim, kTile]: the block's queries, scaled, transposed
+    std::vector<T> buffer;
+    T* qt = aligned_zeros(buffer, dim * kTile + 2 * kTile * dp + kTile * kTile);  // [dim, kTile]: the
+                                   // block's queries, scaled, transposed
     T* qr = qt + dim * kTile;      // [kTile, dp]: the block's queries
     T* acc = qr + kTile * dp;      // [kTile, dp]: the output rows
     T* st = acc + kTile * dp;      // [kTile keys, kTile queries]: scores, then probabilities
@@ -69,14 +92,11 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
     for (int64_t index = begin; index < end; ++index) {
       const auto [si, h, q0] = items[index];
       const MixedMaskSample& s = samples[si];
-      const int64_t kv_head = h / group, rows = std::min(kTile, s.len_q - q0);
-      const int64_t key_end = visible_keys(s, q0 + rows - 1);  // tiles at or past it are fully masked
-      const int64_t key_rows = std::min(s.len_k, ceil_div(key_end, kTile) * kTile);  // the tiles read
-      k_rows.load(si, kv_head, k + attention_offset(a.k_strides, s, s.k_start, 0, kv_head), a.k_strides.token,
-                  key_rows);
-      v_rows.load(si, kv_head, v + attention_offset(a.v_strides, s, s.k_start, 0, kv_head), a.v_strides.token,
-                  key_rows);
-      load_rows(q + attention_offset(a.q_strides, s, s.q_start, q0, h), a.q_strides.token, rows, dim, qr, dp);
+      const ItemRows item = item_rows(index);
+      const int64_t rows = item.rows, key_end = item.key_end;
+      k_rows.load(si, item.kv_head, item.k, a.k_strides.token, item.key_rows);
+      v_rows.load(si, item.kv_head, item.v, a.v_strides.token, item.key_rows);
+      load_rows(item.q, a.q_strides.token, rows, dim, qr, dp);
       kernels.transpose(qr, dp, rows, dim, scale2, qt);
       for (int64_t i = 0; i < kTile; ++i) {  // padding lanes copy the last query (never written out)
         visible[i] = static_cast<LaneInt<T>>(visible_keys(s, q0 + std::min(i, rows - 1)));
@@ -84,7 +104,22 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
         col_sum[i] = 0;
       }
       std::fill(acc, acc + rows * dp, T(0));
+      // The rows the next item reads first and the rows it writes, prefetched a slice per key tile.
+      const bool prefetch = index + 1 < end;
+      const ItemRows next = prefetch ? item_rows(index + 1) : item;
+      const int64_t next_kv = prefetch ? k_rows.first_to_load(items[index + 1].sample, next.kv_head) : 0;
+      const int64_t tiles = ceil_div(key_end, kTile);
       for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
+        if (prefetch) {
+          const int64_t t = k0 / kTile;
+          auto slice = [&](int64_t first, int64_t last, int64_t part) { return first + (last - first) * part / tiles; };
+          prefetch_rows<false>(next.q, a.q_strides.token, slice(0, next.rows, t), slice(0, next.rows, t + 1), dim);
+          prefetch_rows<false>(next.k, a.k_strides.token, slice(next_kv, next.key_rows, t),
+                               slice(next_kv, next.key_rows, t + 1), dim);
+          prefetch_rows<false>(next.v, a.v_strides.token, slice(next_kv, next.key_rows, t),
+                               slice(next_kv, next.key_rows, t + 1), dim);
+          prefetch_rows<true>(next.o, o_strides.token, slice(0, next.rows, t), slice(0, next.rows, t + 1), dim);
+        }
         const int64_t keys = std::min(kTile, s.len_k - k0);
         const bool masked = visible[0] < k0 + keys;  // else every query sees every key here
         kernels.gemm_set(k_rows.row(k0), dp, qt, kTile, st, kTile, keys, dim, kTile);  // S^T = K Q^T
@@ -100,7 +135,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
                                         });
         }
       }
-      scalar_t* o_rows = o + attention_offset(o_strides, s, s.q_start, q0, h);
+      scalar_t* o_rows = item.o;
       T* lse_rows = lse_out + attention_offset(lse_strides, s, s.q_start, q0, h);
       for (int64_t i = 0; i < rows; ++i) {
         const T inverse = T(1) / col_sum[i];  // every query sees key 0 at least: the sum is >= 1

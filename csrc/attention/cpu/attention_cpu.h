@@ -59,11 +59,12 @@ T* aligned_zeros(std::vector<T>& buffer, int64_t n) {
 // there instead of waiting for memory row by row.
 template <bool kWrite, typename scalar_t>
 void prefetch_rows(const scalar_t* src, int64_t stride, int64_t first, int64_t last, int64_t dim) {
-  const int64_t bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t r = first; r < last; ++r) {
-    const char* row = reinterpret_cast<const char*>(src + r * stride);
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, kWrite, 2);
-    __builtin_prefetch(row + bytes - 1, kWrite, 2);  // the last line when the row starts mid-line
+    const auto begin = reinterpret_cast<std::uintptr_t>(src + r * stride);
+    const auto end = reinterpret_cast<std::uintptr_t>(src + r * stride + dim);
+    for (std::uintptr_t line = begin & ~std::uintptr_t{63}; line < end; line += 64) {
+      __builtin_prefetch(reinterpret_cast<const void*>(line), kWrite, 2);
+    }
   }
 }
 

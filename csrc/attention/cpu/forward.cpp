@@ -6,8 +6,10 @@
 // see: scores S^T = K Q^T [keys, queries], the online softmax down the key rows (per-query
 // statistics are vectors across a row), and out += P V; finally out /= sum and lse = max +
 // log(sum). Keys and values are read from per-head copies, converted once for the consecutive
-// items of a thread. Scores, probabilities and the output accumulator are float32 (float64 for
-// float64 inputs).
+// items of a thread. While an item runs, the strided input rows its successor reads first (its
+// queries, the keys and values not copied yet) and its output rows are prefetched into L2, a slice
+// per key tile: from a cold cache they would otherwise arrive one row at a time. Scores,
+// probabilities and the output accumulator are float32 (float64 for float64 inputs).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>

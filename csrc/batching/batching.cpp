@@ -36,9 +36,6 @@ std::string row_error(int64_t row, int32_t status, int64_t length, int32_t objec
   switch (status) {
     case kNoMaskableToken:
       return where + "has no token that may be masked (only [CLS]/<eos>)";
-    case kSpansDoNotFit:
-      return where + "is too short for its token-level spans: they did not fit in " +
-             std::to_string(kMaxAttempts) + " draws (lower mask_ratio or max_span_length, or use longer rows)";
     case kTooShortForDocument:
       return where + "is too short for the document-level objective (needs at least 3 tokens)";
     case kTokenOutOfRange:

@@ -27,7 +27,6 @@ enum Objective : int32_t { kTokenLevel = 0, kSentenceLevel = 1, kDocumentLevel =
 enum RowStatus : int32_t {
   kOk = 0,
   kNoMaskableToken = 1,   // nothing but [CLS]/<eos> (an empty row is fine: it stays empty)
-  kSpansDoNotFit = 2,     // resampling never placed all token-level spans
   kTooShortForDocument = 3,
   kOutputTooLong = 4,     // assembled row longer than the requested output length
   kTokenOutOfRange = 5,   // a token id outside [0, vocab_size)
@@ -96,7 +95,7 @@ struct Params {
   const int64_t* sentence_end_ids;  // sorted
   int32_t num_sentence_end_ids;
   uint64_t seed;
-  int32_t max_attempts;        // token-level resampling attempts before a row is refused
+  int32_t max_attempts;        // token-level draws before a row covers what fits
   uint64_t row_offset;         // row i of the call draws from the stream of row row_offset + i
 };
 
@@ -199,7 +198,12 @@ GLM_HD void place_spans(const int32_t* lengths, int32_t count, int32_t length, i
 // share of the ratio first, the longest takes the rest) and placed uniformly. A segment takes a
 // span only while its spans and the gaps between them fit in it (the authors check this for the
 // longest segment only; for the others their budget implies it up to mask_ratio 0.5, and above
-// that their placement fails). Returns a RowStatus.
+// that their placement fails).
+//
+// When no draw fits (a row of documents too short for the ratio: a corpus of short documents, or
+// a ratio near 0.5; the authors skip such a row), the row covers what fits rather than stopping a
+// training run: spans drawn the same way fill the segments, longest first, each shortened to the
+// room left, until they cover the target or no segment has room. Returns a RowStatus.
 GLM_HD int32_t sample_token_spans(const int64_t* row, int32_t n, const Params& p, Pcg32& rng,
                                   RowWorkspace& out) {
   // Segments: maximal runs of maskable tokens, stably sorted by length.
@@ -247,7 +251,21 @@ GLM_HD int32_t sample_token_spans(const int64_t* row, int32_t n, const Params& p
     }
     if (next == num_lengths) return kOk;
   }
-  return kSpansDoNotFit;
+  out.count = 0;
+  int32_t covered = 0, next = 0;
+  for (int32_t k = num_segments - 1; k >= 0 && covered < target; --k) {
+    int32_t taken = 0, sum = 0;
+    // room: the longest span that still fits, after one gap per span already in the segment
+    for (int32_t room = seg_length[k]; room > 0 && covered + sum < target; room = seg_length[k] - sum - taken) {
+      const int32_t drawn = draw_span_length(rng, p);
+      lengths[next + taken] = drawn < room ? drawn : room;
+      sum += lengths[next + taken++];
+    }
+    if (taken > 0) place_spans(lengths + next, taken, seg_length[k], seg_start[k], rng, out);
+    next += taken;
+    covered += sum;
+  }
+  return kOk;
 }
 
 // Sentence-level: whole sentences (runs ending with a sentence-end token, or just before [CLS] /

@@ -21,8 +21,9 @@ class BlankInfillingConfig:
     :meth:`glm_10b` is the released 10B mix.
 
     - ``mask_ratio``: token- and sentence-level spans cover at least ``int(mask_ratio * len)``
-      tokens of a row (at least one); token-level spans keep a token between each other, so
-      above 0.5 a row whose spans cannot be placed is refused with a ``ValueError`` naming it;
+      tokens of a row (at least one); token-level spans keep a token between each other, so a row
+      whose documents are too short for the ratio (many short documents, or a ratio near 0.5 or
+      above) covers what fits instead: its segments are filled until no span fits;
     - ``poisson_lambda``, ``max_span_length``: token-level span lengths are Poisson(lambda)
       restricted to ``1..max_span_length`` and renormalised;
     - ``min_document_ratio``: the document-level suffix covers a uniform share of the row between

@@ -102,17 +102,19 @@ def test_backward_accumulates_repeated_rows():
     assert grads[2][1].abs().max() == 0
 
 
-def test_backward_of_a_large_mostly_unused_table():
-    # A 24 MiB word table, split over the threads into many zeroed and summed pieces: the few used rows
-    # hold their sums, every other row is exactly zero, as in the float64 reference.
-    ids, tables = make_case((3, 40), 768, rows=(4096, 41, 9))
+@pytest.mark.parametrize("words", [4096, 6144])
+def test_backward_of_a_large_mostly_unused_table(words):
+    # Word tables of 24 MiB (split over the threads into many zeroed and summed pieces) and 36 MiB
+    # (zeroed whole first, from 32 MiB on, then only its used rows summed): the few used rows hold
+    # their sums, every other row is exactly zero, as in the float64 reference.
+    ids, tables = make_case((3, 40), 768, rows=(words, 41, 9))
     tables = [t.requires_grad_() for t in tables]
     grad = torch.randn(3, 40, 768, dtype=torch.float64)
     ours = torch.autograd.grad(ops.embedding_2d(*ids, *tables), tables, grad)
     expected = torch.autograd.grad(reference.embedding_2d(*ids, *tables), tables, grad)
     for got, want in zip(ours, expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    unused = torch.ones(4096, dtype=torch.bool)
+    unused = torch.ones(words, dtype=torch.bool)
     unused[ids[0].flatten()] = False
     assert ours[0][unused].abs().max() == 0
 

@@ -4,9 +4,12 @@
 // Both are memory-bound: the forward gathers three table rows per token (the word row usually
 // from memory, not cache), the backward writes three dense gradient tables, mostly zeros. The
 // forward prefetches the rows of the tokens a few places ahead and sums them with the widest
-// vectors the CPU has (per-ISA loops, cpu_isa()); the backward writes every gradient row exactly
-// once (zeros, or the sum of its tokens' rows), where zeroing the tables first wrote the used rows
-// twice.
+// vectors the CPU has (per-ISA loops, cpu_isa()); the backward writes every row of a gradient table
+// once (zeros, or the sum of its tokens' rows), where zeroing the table first writes the used rows
+// twice. Except for large tables: they are new memory (glibc maps every allocation of 32 MB or more
+// afresh), whose zeroing takes a page fault per 4 KB, and the faults cost less under ATen's fill of
+// the whole table than under memset of the runs between used rows (50304 x 1024 floats, one thread:
+// 79 against 90 ms); such a table is zeroed by ATen first, and only its used rows are written here.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -217,15 +220,18 @@ struct GradPiece {
 
 constexpr int64_t kColumnBlock = 256;      // columns of a used row summed as one piece
 constexpr int64_t kZeroBytes = 64 << 10;   // bytes of unused rows zeroed as one piece
+constexpr int64_t kNewMemoryBytes = int64_t{32} << 20;  // glibc's largest mmap threshold
 
-// Fills the gradient tables [rows[i], hidden] (uninitialised) in one parallel pass over pieces of
-// about the same size, taken by the threads as they become free (a descheduled thread does not
-// hold the others up, and the tables do not wait for one another). A row shared by most tokens
+// Fills the gradient tables [rows[i], hidden] (uninitialised; or zeroed where `zeroed[i]`, then
+// only their used rows) in one parallel pass over pieces of about the same size, taken by the
+// threads as they become free (a descheduled thread does not hold the others up, and the tables do
+// not wait for one another). A row shared by most tokens
 // (block position 0 covers all of Part A) is split into column blocks; every element is summed by
 // one piece in token order whatever the thread count: deterministic.
 template <typename scalar_t, typename index_t>
 void tables_grad(const scalar_t* grad, const std::array<const index_t*, 3>& ids, int64_t tokens, int64_t hidden,
-                 const std::array<int64_t, 3>& rows, const std::array<scalar_t*, 3>& tables) {
+                 const std::array<int64_t, 3>& rows, const std::array<scalar_t*, 3>& tables,
+                 const std::array<bool, 3>& zeroed) {
   using acc_t = at::opmath_type<scalar_t>;
   std::array<RowGroups, 3> groups;
   for (int i = 0; i < 3; ++i) groups[i] = group_by_row(ids[i], tokens, rows[i]);
@@ -245,8 +251,10 @@ void tables_grad(const scalar_t* grad, const std::array<const index_t*, 3>& ids,
       } else {
         int64_t end = r + 1;
         while (end < rows[i] && end - r < zero_rows && groups[i].count(end) == 0) ++end;
-        pieces.push_back({i, false, r, end, 0, hidden});
-        costs.push_back((end - r) * row_bytes);
+        if (!zeroed[i]) {
+          pieces.push_back({i, false, r, end, 0, hidden});
+          costs.push_back((end - r) * row_bytes);
+        }
         r = end;
       }
     }
@@ -277,9 +285,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
   const auto grad = grad_output.contiguous();
   const int64_t hidden = grad.size(-1);
   const int64_t tokens = ids.input_ids.numel();
-  auto grad_word = at::empty({num_words, hidden}, grad.options());
-  auto grad_pos = at::empty({num_positions, hidden}, grad.options());
-  auto grad_block = at::empty({num_block_positions, hidden}, grad.options());
+  const std::array<int64_t, 3> rows{num_words, num_positions, num_block_positions};
+  std::array<at::Tensor, 3> tables;
+  std::array<bool, 3> zeroed;  // large tables: zeroed by ATen first (see the top of the file)
+  for (int i = 0; i < 3; ++i) {
+    zeroed[i] = rows[i] * hidden * grad.element_size() >= kNewMemoryBytes;
+    tables[i] = zeroed[i] ? at::zeros({rows[i], hidden}, grad.options()) : at::empty({rows[i], hidden}, grad.options());
+  }
 
   AT_DISPATCH_INDEX_TYPES(ids.input_ids.scalar_type(), "embedding_2d_backward_cpu", [&] {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "embedding_2d_backward_cpu", [&] {
@@ -287,12 +299,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
           grad.const_data_ptr<scalar_t>(),
           {ids.input_ids.const_data_ptr<index_t>(), ids.position_ids.const_data_ptr<index_t>(),
            ids.block_position_ids.const_data_ptr<index_t>()},
-          tokens, hidden, {num_words, num_positions, num_block_positions},
-          {grad_word.mutable_data_ptr<scalar_t>(), grad_pos.mutable_data_ptr<scalar_t>(),
-           grad_block.mutable_data_ptr<scalar_t>()});
+          tokens, hidden, rows,
+          {tables[0].mutable_data_ptr<scalar_t>(), tables[1].mutable_data_ptr<scalar_t>(),
+           tables[2].mutable_data_ptr<scalar_t>()},
+          zeroed);
     });
   });
-  return {grad_word, grad_pos, grad_block};
+  return {tables[0], tables[1], tables[2]};
 }
 
 }  // namespace

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -69,13 +71,18 @@ void prefetch_rows(const scalar_t* src, int64_t stride, int64_t first, int64_t l
 }
 
 // dst[r * ld + d] = src[r * stride + d] for r < rows, d < dim (the padding columns of dst are
-// left as they are).
+// left as they are). Rows of the same type are copied by memcpy, whose vector width is the CPU's
+// (this file is compiled for the baseline).
 template <typename T, typename scalar_t>
 void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t dim, T* dst, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* s = src + r * stride;
     T* d = dst + r * ld;
-    for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<T>(s[c]);
+    if constexpr (std::is_same_v<T, scalar_t>) {
+      std::memcpy(d, s, dim * sizeof(T));
+    } else {
+      for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<T>(s[c]);
+    }
   }
 }
 

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "common/cpu_isa.h"
 
@@ -233,17 +234,63 @@ GLM_EXT_ALWAYS_INLINE void scale_rows_impl(T* c, int64_t ldc, int64_t m, int64_t
   }
 }
 
-// Blocks of W source rows: each column of the block is gathered into one vector (W loads from
-// rows that stay in L1) and stored whole into the destination row.
+// One stage of the transpose of a W x W block held as W row vectors: for the rows i without bit H
+// and their partners i + H, the H x H sub-blocks off the diagonal are swapped (row i takes lanes
+// l + H of its partner where lane l has bit H; the partner takes lanes l - H of row i where it
+// does not). Shuffle indices of W and more name the lanes of the second vector.
+template <int64_t H, bool kPartner, typename T, typename V, size_t... L>
+GLM_EXT_ALWAYS_INLINE V swap_sub_blocks(V row, V partner, std::index_sequence<L...>) {
+  constexpr int64_t W = sizeof...(L);
+#if defined(__clang__)
+  return __builtin_shufflevector(row, partner,
+                                 (kPartner ? ((L & H) ? W + L : L + H) : ((L & H) ? W + L - H : L))...);
+#else
+  using I = typename Simd<T, sizeof(V)>::I;
+  return __builtin_shuffle(
+      row, partner, I{static_cast<LaneInt<T>>(kPartner ? ((L & H) ? W + L : L + H) : ((L & H) ? W + L - H : L))...});
+#endif
+}
+
+// Stages H, H / 2, ..., 1: after all of them (H = W / 2 first) row c holds column c.
+template <typename T, int64_t H, typename V, int64_t W>
+GLM_EXT_ALWAYS_INLINE void transpose_stages(V (&block)[W]) {
+  if constexpr (H >= 1) {
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < W; ++i) {
+      if (i & H) continue;
+      const V row = block[i], partner = block[i + H];
+      block[i] = swap_sub_blocks<H, false, T>(row, partner, std::make_index_sequence<W>{});
+      block[i + H] = swap_sub_blocks<H, true, T>(row, partner, std::make_index_sequence<W>{});
+    }
+    transpose_stages<T, H / 2>(block);
+  }
+}
+
+// Blocks of W x W: W source rows loaded as vectors (zeros past `rows` and `dim`), scaled, transposed
+// in registers by log2(W) stages of shuffles and stored as W destination rows.
 template <typename T, int B>
 GLM_EXT_ALWAYS_INLINE void transpose_impl(const T* src, int64_t ld, int64_t rows, int64_t dim, T scale, T* dst) {
   using V = typename Simd<T, B>::V;
   constexpr int64_t W = Simd<T, B>::kWidth;
   for (int64_t r0 = 0; r0 < kTile; r0 += W) {
-    for (int64_t c = 0; c < dim; ++c) {
-      V column;
-      for (int64_t l = 0; l < W; ++l) column[l] = r0 + l < rows ? src[(r0 + l) * ld + c] : T(0);
-      store(dst + c * kTile + r0, column * scale);
+    for (int64_t c0 = 0; c0 < dim; c0 += W) {
+      V block[W];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < W; ++i) {
+        V row{};
+        if (r0 + i < rows) {
+          const T* s = src + (r0 + i) * ld + c0;
+          if (c0 + W <= dim) {
+            row = load<V>(s);
+          } else {
+            for (int64_t l = 0; c0 + l < dim; ++l) row[l] = s[l];
+          }
+        }
+        block[i] = row * scale;
+      }
+      transpose_stages<T, W / 2>(block);
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < W && c0 + c < dim; ++c) store(dst + (c0 + c) * kTile + r0, block[c]);
     }
   }
 }

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "attention/cpu/attention_cpu.h"
 
@@ -84,7 +85,7 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
     std::vector<T> buffer;
     T* qt = aligned_zeros(buffer, dim * kTile + 2 * kTile * dp + kTile * kTile);  // [dim, kTile]: the
                                    // block's queries, scaled, transposed
-    T* qr = qt + dim * kTile;      // [kTile, dp]: the block's queries
+    T* qr = qt + dim * kTile;      // [kTile, dp]: the block's queries, converted (half, bfloat16)
     T* acc = qr + kTile * dp;      // [kTile, dp]: the output rows
     T* st = acc + kTile * dp;      // [kTile keys, kTile queries]: scores, then probabilities
     alignas(64) T col_max[kTile];
@@ -98,8 +99,12 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
       const int64_t rows = item.rows, key_end = item.key_end;
       k_rows.load(si, item.kv_head, item.k, a.k_strides.token, item.key_rows);
       v_rows.load(si, item.kv_head, item.v, a.v_strides.token, item.key_rows);
-      load_rows(item.q, a.q_strides.token, rows, dim, qr, dp);
-      kernels.transpose(qr, dp, rows, dim, scale2, qt);
+      if constexpr (std::is_same_v<scalar_t, T>) {  // transposed straight from the input rows
+        kernels.transpose(item.q, a.q_strides.token, rows, dim, scale2, qt);
+      } else {
+        load_rows(item.q, a.q_strides.token, rows, dim, qr, dp);
+        kernels.transpose(qr, dp, rows, dim, scale2, qt);
+      }
       for (int64_t i = 0; i < kTile; ++i) {  // padding lanes copy the last query (never written out)
         visible[i] = static_cast<LaneInt<T>>(visible_keys(s, q0 + std::min(i, rows - 1)));
         col_max[i] = -std::numeric_limits<T>::infinity();
@@ -111,16 +116,18 @@ void forward_kernel(const MixedMaskAttentionArgs& a, const std::vector<MixedMask
       const ItemRows next = prefetch ? item_rows(index + 1) : item;
       const int64_t next_kv = prefetch ? k_rows.first_to_load(items[index + 1].sample, next.kv_head) : 0;
       const int64_t tiles = ceil_div(key_end, kTile);
-      for (int64_t k0 = 0; k0 < key_end; k0 += kTile) {
-        if (prefetch) {
-          const int64_t t = k0 / kTile;
-          auto slice = [&](int64_t first, int64_t last, int64_t part) { return first + (last - first) * part / tiles; };
-          prefetch_rows<false>(next.q, a.q_strides.token, slice(0, next.rows, t), slice(0, next.rows, t + 1), dim);
-          prefetch_rows<false>(next.k, a.k_strides.token, slice(next_kv, next.key_rows, t),
-                               slice(next_kv, next.key_rows, t + 1), dim);
-          prefetch_rows<false>(next.v, a.v_strides.token, slice(next_kv, next.key_rows, t),
-                               slice(next_kv, next.key_rows, t + 1), dim);
-          prefetch_rows<true>(next.o, o_strides.token, slice(0, next.rows, t), slice(0, next.rows, t + 1), dim);
+      const int64_t query_step = ceil_div(next.rows, tiles);
+      const int64_t key_step = ceil_div(std::max<int64_t>(0, next.key_rows - next_kv), tiles);
+      for (int64_t k0 = 0, t = 0; k0 < key_end; k0 += kTile, ++t) {
+        if (prefetch) {  // slice t of each: rows [first + t * step, first + (t + 1) * step)
+          const int64_t q_first = std::min(next.rows, t * query_step);
+          const int64_t q_last = std::min(next.rows, q_first + query_step);
+          const int64_t kv_first = std::min(next.key_rows, next_kv + t * key_step);
+          const int64_t kv_last = std::min(next.key_rows, kv_first + key_step);
+          prefetch_rows<false>(next.q, a.q_strides.token, q_first, q_last, dim);
+          prefetch_rows<false>(next.k, a.k_strides.token, kv_first, kv_last, dim);
+          prefetch_rows<false>(next.v, a.v_strides.token, kv_first, kv_last, dim);
+          prefetch_rows<true>(next.o, o_strides.token, q_first, q_last, dim);
         }
         const int64_t keys = std::min(kTile, s.len_k - k0);
         const bool masked = visible[0] < k0 + keys;  // else every query sees every key here

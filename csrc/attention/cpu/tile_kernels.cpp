@@ -45,8 +45,9 @@ GLM_EXT_ALWAYS_INLINE V select(I mask, V a, V b) {
 
 // 2^x of every lane. float: x = n + f with n an integer and |f| <= 1/2, 2^f by a degree-5 minimax
 // polynomial (relative error below 2e-7, that of float32 scores around 1), 2^n through the exponent
-// bits; below -127 the result is 0 (masked lanes are -inf), NaN stays NaN. Callers pass x <= 0 up to
-// rounding (scores minus their maximum or their log-sum-exp); above 128 the result is undefined.
+// bits; below -127 the result is 0 (masked lanes are -inf), NaN stays NaN. Callers pass x <= 8 up to
+// rounding (scores minus their reference maximum or their log-sum-exp); above 128 the result is
+// undefined.
 // double: libm.
 template <typename T, int B>
 GLM_EXT_ALWAYS_INLINE typename Simd<T, B>::V exp2_lanes(typename Simd<T, B>::V x) {
@@ -148,6 +149,12 @@ GLM_EXT_ALWAYS_INLINE void gemm_impl(const T* a, int64_t lda, const T* b, int64_
 // ---------------------------------------------------------------------------------------------
 // Softmax steps (see TileKernels). The kTile query lanes of a row are NV vectors.
 
+// The running maximum of a query moves only when a tile's scores pass it by more than this (log2
+// units): probabilities are then at most 2^8, far from overflow, and in most tiles the output
+// accumulator keeps its scale (alpha is exactly 1, and scale_rows skips the row).
+template <typename T>
+constexpr T kMaxSlack = 8;
+
 template <typename T, int B>
 GLM_EXT_ALWAYS_INLINE void softmax_columns_impl(T* st, int64_t keys, int64_t k0, const LaneInt<T>* visible,
                                                 T* col_max, T* col_sum, T* alpha) {
@@ -174,7 +181,9 @@ GLM_EXT_ALWAYS_INLINE void softmax_columns_impl(T* st, int64_t keys, int64_t k0,
   V sum[NV];
 #pragma GCC unroll 16
   for (int64_t u = 0; u < NV; ++u) {
-    const V factor = exp2_lanes<T, B>(load<V>(col_max + u * W) - top[u]);  // 0 on the first tile
+    const V old_max = load<V>(col_max + u * W);
+    top[u] = select(top[u] > old_max + kMaxSlack<T>, top[u], old_max);
+    const V factor = exp2_lanes<T, B>(old_max - top[u]);  // 0 on the first tile
     store(alpha + u * W, factor);
     store(col_max + u * W, top[u]);
     sum[u] = load<V>(col_sum + u * W) * factor;

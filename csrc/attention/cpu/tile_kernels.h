@@ -47,8 +47,9 @@ struct TileKernels {
                       int64_t kd, int64_t n);
   // Online softmax (flash-attention 2) over the score tile st [keys, kTile] of keys k0..: lane q of
   // row j counts only when k0 + j < visible[q] (every lane when visible is null). Updates the
-  // running maxima and sums [kTile], turns st into exp2(s - max) (0 where masked) and writes
-  // alpha [kTile] = exp2(old max - new max), the factor of each query's output accumulator.
+  // running maxima (moved only when passed by more than 8: a reference at most 8 below the true
+  // maximum) and sums [kTile], turns st into exp2(s - max) (0 where masked) and writes alpha
+  // [kTile] = exp2(old max - new max), the factor of each query's output accumulator.
   void (*softmax_columns)(T* st, int64_t keys, int64_t k0, const LaneInt<T>* visible, T* col_max,
                           T* col_sum, T* alpha);
   // Backward: st [keys, kTile] scores -> P = exp2(s - lse2) (0 where masked as above), and

@@ -67,6 +67,26 @@ def test_padded_matches_float64_reference(seq, sep_case, heads_q, heads_kv):
     assert_close_to_reference(q, k, v, sep)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_scores_rising_across_key_tiles(dtype, tol):
+    # Each 64-key tile's scores lie 3 or 50 (natural-log units) above the last tile's: steps below and
+    # above the slack (8 in log2 units) by which the CPU kernel lets a tile pass a query's running
+    # maximum before moving it. Out and lse must not depend on whether it moved; a maximum that
+    # never moved would overflow float32 (the last tile is 109 above the first).
+    seq, dim, tile = 6 * 64, 16, 64
+    rise = torch.tensor([0.0, 3, 50, 3, 50, 3], dtype=torch.float64).cumsum(0)
+    q = torch.zeros(1, seq, 1, dim, dtype=torch.float64)
+    q[..., 0] = 1
+    k = torch.randn(1, seq, 1, dim, dtype=torch.float64) * 0.1
+    k[0, :, 0, 0] = (rise.repeat_interleave(tile) + torch.rand(seq, dtype=torch.float64)) * dim**0.5
+    v = torch.randn(1, seq, 1, dim, dtype=torch.float64)
+    sep = torch.tensor([seq // 2], dtype=torch.int32)
+    out, lse = ops.mixed_mask_attention(q.to(dtype), k.to(dtype), v.to(dtype), sep, return_lse=True)
+    want_out, want_lse = reference.mixed_mask_attention(q, k, v, sep, return_lse=True)
+    torch.testing.assert_close(out.double(), want_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("seq_q, seq_k", [(1, 70), (5, 70), (64, 130), (66, 129), (0, 9)])
 @pytest.mark.parametrize("heads_q, heads_kv", HEADS[1:])
 def test_decoding_queries_are_the_last_positions(seq_q, seq_k, heads_q, heads_kv):

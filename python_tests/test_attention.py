@@ -396,15 +396,17 @@ def test_memory_never_grows_with_seq_squared():
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction-set paths")
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_narrower_instruction_set_paths(capability):
-    # ATen's ATEN_CPU_CAPABILITY also caps the kernel's instruction set: baseline SSE2 and AVX2.
+    # ATen's ATEN_CPU_CAPABILITY also caps the kernel's instruction set: baseline SSE2 and AVX2, at head
+    # dims that fill whole vectors of some widths (40) and fill none (5).
     out = run_python(
         """
         import torch
         from glm_ext import ops, reference
         torch.manual_seed(0)
         worst = 0.0
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
-            q, k, v = (torch.randn(2, 150, 2, d, dtype=dtype, requires_grad=True) for d in (40, 40, 40))
+        for dtype, tol, dim in ((torch.float32, 1e-4, 40), (torch.float64, 1e-10, 40), (torch.float32, 1e-4, 5),
+                                (torch.float64, 1e-10, 5)):
+            q, k, v = (torch.randn(2, 150, 2, dim, dtype=dtype, requires_grad=True) for _ in range(3))
             sep = torch.tensor([70, 0])
             out = ops.mixed_mask_attention(q, k, v, sep)
             ref = reference.mixed_mask_attention(*(t.double() for t in (q, k, v)), sep)

@@ -7,11 +7,10 @@
 // fetching them to the hardware prefetcher: prefetching the rows of the tokens a few places ahead
 // made it slower (b4 s512 h2048, 2 threads: 2.45 against 2.10-2.13 ms). The backward writes every
 // row of a gradient table once (zeros, or the sum of its tokens' rows), where zeroing the table
-// first writes the used rows twice. Except for large tables: they are new memory (glibc maps every
-// allocation of 32 MB or more afresh), whose zeroing takes a page fault per page. Such a table asks
-// for huge pages (zeroed_huge_pages) and is zeroed by ATen first, then only its used rows are
-// written here: with 4 KB pages the faults cost less under ATen's fill of the whole table than
-// under memset of the runs between used rows (50304 x 1024 floats, one thread: 79 against 90 ms).
+// first writes the used rows twice. Except for large tables: they are new memory (glibc maps every allocation of 32 MB or more
+// afresh), whose zeroing takes a page fault per 4 KB, and the faults cost less under ATen's fill of
+// the whole table than under memset of the runs between used rows (50304 x 1024 floats, one thread:
+// 79 against 90 ms); such a table is zeroed by ATen first, and only its used rows are written here.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -19,13 +18,8 @@
 #include <torch/library.h>
 
 #include <array>
-#include <cstdint>
 #include <cstring>
 #include <vector>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "common/cpu_isa.h"
 #include "common/parallel.h"
@@ -267,23 +261,6 @@ void tables_grad(const scalar_t* grad, const std::array<const index_t*, 3>& ids,
   });
 }
 
-// A tensor of zeros on new memory that asks the kernel for transparent huge pages (Linux,
-// madvise mode, the default of most distributions): a page fault per 2 MB instead of one per 4 KB.
-// The 2 MB-aligned part of the allocation is advised; elsewhere (THP off, other systems) this is
-// at::zeros. The faults of a 50304 x 2048 float table go from most of the backward's time to a
-// small part of it (b4 s512, 2 threads: 39-40 against 86 ms).
-at::Tensor zeroed_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto table = at::empty(sizes, options);
-#ifdef MADV_HUGEPAGE
-  constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
-  const auto first = reinterpret_cast<std::uintptr_t>(table.data_ptr());
-  const std::uintptr_t begin = (first + kHugePage - 1) & ~(kHugePage - 1);
-  const std::uintptr_t end = (first + table.nbytes()) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice only
-#endif
-  return table.zero_();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input_ids, const at::Tensor& position_ids,
     const at::Tensor& block_position_ids, int64_t num_words, int64_t num_positions,
@@ -296,11 +273,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> embedding_2d_backward_cpu(
   const int64_t tokens = ids.input_ids.numel();
   const std::array<int64_t, 3> rows{num_words, num_positions, num_block_positions};
   std::array<at::Tensor, 3> tables;
-  std::array<bool, 3> zeroed;  // large tables: zeroed first (see the top of the file)
+  std::array<bool, 3> zeroed;  // large tables: zeroed by ATen first (see the top of the file)
   for (int i = 0; i < 3; ++i) {
     zeroed[i] = rows[i] * hidden * grad.element_size() >= kNewMemoryBytes;
-    tables[i] = zeroed[i] ? zeroed_huge_pages({rows[i], hidden}, grad.options())
-                          : at::empty({rows[i], hidden}, grad.options());
+    tables[i] = zeroed[i] ? at::zeros({rows[i], hidden}, grad.options()) : at::empty({rows[i], hidden}, grad.options());
   }
 
   AT_DISPATCH_INDEX_TYPES(ids.input_ids.scalar_type(), "embedding_2d_backward_cpu", [&] {

@@ -7,10 +7,14 @@
 // fetching them to the hardware prefetcher: prefetching the rows of the tokens a few places ahead
 // made it slower (b4 s512 h2048, 2 threads: 2.45 against 2.10-2.13 ms). The backward writes every
 // row of a gradient table once (zeros, or the sum of its tokens' rows), where zeroing the table
-// first writes the used rows twice. Except for large tables: they are new memory (glibc maps every allocation of 32 MB or more
-// afresh), whose zeroing takes a page fault per 4 KB, and the faults cost less under ATen's fill of
-// the whole table than under memset of the runs between used rows (50304 x 1024 floats, one thread:
-// 79 against 90 ms); such a table is zeroed by ATen first, and only its used rows are written here.
+// first writes the used rows twice. Except for large tables: they are new memory (glibc maps every
+// allocation of 32 MB or more afresh), whose zeroing takes a page fault per 4 KB, and the faults
+// cost less under ATen's fill of the whole table than under memset of the runs between used rows
+// (50304 x 1024 floats, one thread: 79 against 90 ms); such a table is zeroed by ATen first, and
+// only its used rows are written here. Its time is then the kernel's: asking for transparent huge
+// pages halves the median (b4 s512 h2048, 2 threads: 40 against 80 ms), but on the development VM
+// about one call in ten then takes 0.5 s (tried twice, dropped twice); prefaulting with
+// MADV_POPULATE_WRITE gains nothing.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
